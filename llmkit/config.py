@@ -1,0 +1,210 @@
+"""Model configuration: one flat dataclass where every architecture variant is a field.
+
+Class choices are strings so a config is plain JSON (saved inside `config.json`).
+Presets are dicts of overrides; `ModelConfig.from_preset("llama-2-7b")` builds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+NORMS = ("rmsnorm", "layernorm")
+NORM_PLACEMENTS = ("pre", "post", "deepnorm")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+POSITIONS = ("rope", "alibi", "learned", "none")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
+MASKS = ("causal", "prefix")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the model cannot be built from."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None -> n_head (MHA); 1 < n < n_head -> GQA; 1 -> MQA
+    d_model: int = 768
+    d_ff: int | None = None  # None -> 4*d_model, or 8/3*d_model rounded up to 256 for gated MLPs
+    head_dim: int | None = None  # None -> d_model // n_head
+    max_seq_len: int = 2048
+
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    # pre-LN (GPT-2, Llama), post-LN (original Transformer, BERT), DeepNorm (post-LN with the
+    # residual scaled by alpha and sublayer init scaled by beta; Wang et al. 2022)
+    norm_placement: str = "pre"
+    deepnorm_alpha: float | None = None  # None -> (2N)^(1/4) for a decoder-only stack of N layers
+    deepnorm_beta: float | None = None  # None -> (8N)^(-1/4)
+    parallel_block: bool = False  # attention and MLP read the same input (GPT-J, PaLM)
+
+    activation: str = "swiglu"
+
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_original_max_seq_len: int | None = None  # context the model was trained with (YaRN, Llama 3)
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    rope_partial_factor: float = 1.0  # fraction of head_dim that is rotated (GPT-NeoX, Phi)
+
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True  # LayerNorm only; RMSNorm has no bias
+    tie_embeddings: bool = False
+
+    dropout: float = 0.0  # embedding and residual dropout
+    attn_dropout: float = 0.0
+    mask: str = "causal"  # "prefix": bidirectional over a prefix (prefix_len given to forward), causal after
+    sliding_window: int | None = None  # each token sees at most this many previous tokens (itself included)
+
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # output projections get std/sqrt(2*n_layer) (GPT-2)
+
+    # special-token ids stored for generation_config.json and HF interop
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept through save/load
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None and self.n_head > 0:
+            if self.d_model % self.n_head:
+                raise ConfigError(f"config field 'n_head' ({self.n_head}) must divide 'd_model' ({self.d_model})")
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            if self.activation in GATED_ACTIVATIONS:
+                self.d_ff = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
+            else:
+                self.d_ff = 4 * self.d_model
+        if self.norm_placement == "deepnorm":
+            if self.deepnorm_alpha is None:
+                self.deepnorm_alpha = (2 * self.n_layer) ** 0.25
+            if self.deepnorm_beta is None:
+                self.deepnorm_beta = (8 * self.n_layer) ** -0.25
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject invalid combinations with a message naming the field."""
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        _check_choice("mask", self.mask, MASKS)
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"config field 'n_kv_head' ({self.n_kv_head}) must divide 'n_head' ({self.n_head})")
+        if self.position == "rope":
+            if self.rope_dim % 2:
+                raise ConfigError(f"rotary dimension {self.rope_dim} (head_dim * rope_partial_factor) must be even")
+            if self.rope_theta <= 0:
+                raise ConfigError(f"config field 'rope_theta' must be positive, got {self.rope_theta}")
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                raise ConfigError(f"config field 'rope_scaling' ({self.rope_scaling!r}) needs position='rope'")
+            if self.rope_factor < 1:
+                raise ConfigError(f"config field 'rope_factor' must be >= 1, got {self.rope_factor}")
+            if self.rope_scaling in ("yarn", "llama3") and not self.rope_original_max_seq_len:
+                raise ConfigError(f"rope_scaling={self.rope_scaling!r} needs 'rope_original_max_seq_len'")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attn_dropout < 1.0:
+            raise ConfigError("config fields 'dropout' and 'attn_dropout' must be in [0, 1)")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"config field 'sliding_window' must be positive or null, got {self.sliding_window}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"config field 'norm_eps' must be positive, got {self.norm_eps}")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def rope_dim(self) -> int:
+        return int(self.head_dim * self.rope_partial_factor)
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count of the model this config builds (tied embeddings counted once)."""
+        C, F, H, K, D = self.d_model, self.d_ff, self.n_head, self.n_kv_head, self.head_dim
+        attn = C * H * D + 2 * C * K * D + H * D * C
+        if self.qkv_bias:
+            attn += H * D + 2 * K * D
+        if self.attn_out_bias:
+            attn += C
+        mlp = (3 if self.gated else 2) * C * F
+        if self.mlp_bias:
+            mlp += (2 * F if self.gated else F) + C
+        norm = C * (2 if self.norm == "layernorm" and self.norm_bias else 1)
+        per_layer = attn + mlp + 2 * norm
+        total = self.n_layer * per_layer + norm + self.vocab_size * C
+        if not self.tie_embeddings:
+            total += self.vocab_size * C
+        if self.position == "learned":
+            total += self.max_seq_len * C
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model config field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls(**{"name": name, **PRESETS[name], **overrides})
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config field {name!r} must be one of {list(choices)}, got {value!r}")
+
+
+_LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False)
+_GPT2 = dict(
+    norm="layernorm", activation="gelu_tanh", position="learned", qkv_bias=True, attn_out_bias=True,
+    mlp_bias=True, tie_embeddings=True, norm_eps=1e-5,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny shapes for tests and CPU runs
+    "tiny": dict(_LLAMA, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, max_seq_len=256),
+    "tiny-gpt2": dict(_GPT2, vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=256),
+    "shakespeare": dict(_LLAMA, vocab_size=2048, n_layer=4, n_head=4, n_kv_head=4, d_model=192, d_ff=512,
+                        max_seq_len=256, tie_embeddings=True),
+    # real shapes
+    "gpt2-124m": dict(_GPT2, vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
+    "llama-134m": dict(_LLAMA, vocab_size=32000, n_layer=12, n_head=12, d_model=768, d_ff=2048, max_seq_len=2048,
+                       norm_eps=1e-5),
+    "tinyllama-1.1b": dict(_LLAMA, vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, d_model=2048, d_ff=5632,
+                           max_seq_len=2048, norm_eps=1e-5),
+    "llama-2-7b": dict(_LLAMA, vocab_size=32000, n_layer=32, n_head=32, d_model=4096, d_ff=11008, max_seq_len=4096,
+                       norm_eps=1e-5),
+    "mistral-7b": dict(_LLAMA, vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8, d_model=4096, d_ff=14336,
+                       max_seq_len=32768, norm_eps=1e-5, sliding_window=4096, rope_theta=10000.0),
+    "qwen2-0.5b": dict(_LLAMA, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896, d_ff=4864,
+                       max_seq_len=32768, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
+}

@@ -1,0 +1,439 @@
+"""The transformer: one file, every variant a field of `ModelConfig`.
+
+Module names follow Hugging Face's Llama (`model.layers.0.self_attn.q_proj.weight`, ...), so
+Llama/Mistral/Qwen2 checkpoints load with no rename table; GPT-2 is mapped in checkpoint.py.
+
+Shapes: B batch, T query length, S key length, C d_model, H heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from llmkit.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # statistics in fp32 even under bf16: the mean of squares underflows otherwise
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.norm_bias)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies (fp32, [rope_dim/2]) and the cos/sin scale, per the configured scaling."""
+    dim, theta, factor = config.rope_dim, config.rope_theta, config.rope_factor
+    if config.rope_scaling == "ntk":
+        # NTK-aware: stretch the base so low frequencies interpolate and high ones extrapolate
+        theta = theta * factor ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (theta**exponents)
+    scale = 1.0
+    if config.rope_scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif config.rope_scaling == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, config)
+    elif config.rope_scaling == "yarn":
+        inv_freq, scale = _yarn_inv_freq(theta, config)
+    return inv_freq, scale
+
+
+def _llama3_inv_freq(inv_freq: Tensor, config: ModelConfig) -> Tensor:
+    old_len, factor = config.rope_original_max_seq_len, config.rope_factor
+    low_wavelen = old_len / config.llama3_low_freq_factor
+    high_wavelen = old_len / config.llama3_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    # between the two wavelengths, blend interpolated and original frequencies smoothly
+    smooth = (old_len / wavelen - config.llama3_low_freq_factor) / (
+        config.llama3_high_freq_factor - config.llama3_low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn_inv_freq(theta: float, config: ModelConfig) -> tuple[Tensor, float]:
+    dim, factor, old_len = config.rope_dim, config.rope_factor, config.rope_original_max_seq_len
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(config.yarn_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(config.yarn_beta_slow)), dim - 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1 for high-frequency dims (kept), 0 for low-frequency ones (interpolated)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, scale
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B,H,T,D]; cos/sin [B,1,T,R] with R <= D (partial rotary leaves x[..., R:] unrotated)."""
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :R], x[..., R:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """Per-head ALiBi slopes (Press et al.); non-powers of two interleave the next power's slopes."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = power_of_two_slopes(closest)
+    if closest < n_head:
+        slopes += power_of_two_slopes(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys/values [B,K,L,D]; fixed shapes so a decode step can be compiled/CUDA-graphed."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, H, K, D = config.d_model, config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = H, K, D
+        self.dropout = config.attn_dropout
+        self.q_proj = nn.Linear(C, H * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, K * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, K * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=config.attn_out_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, ctx: "ForwardContext") -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if ctx.cos is not None:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if self.kv_cache is not None and ctx.slots is not None:
+            k, v = self.kv_cache.update(ctx.slots, k, v)
+            if ctx.kv_len is not None:  # eager decoding reads only the filled part of the cache
+                k, v = k[:, :, : ctx.kv_len], v[:, :, : ctx.kv_len]
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=ctx.mask,
+            is_causal=ctx.is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, Fd, bias = config.d_model, config.d_ff, config.mlp_bias
+        self.gated = config.gated
+        if self.gated:
+            self.gate_proj = nn.Linear(C, Fd, bias=bias)
+        self.up_proj = nn.Linear(C, Fd, bias=bias)
+        self.down_proj = nn.Linear(Fd, C, bias=bias)
+        self.act = {
+            "swiglu": F.silu, "silu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        }[config.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.placement = config.norm_placement
+        self.parallel = config.parallel_block
+        # DeepNorm up-weights the residual branch so post-LN stays stable at depth
+        self.residual_scale = config.deepnorm_alpha if self.placement == "deepnorm" else 1.0
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = make_norm(config)
+        if not (self.parallel and self.placement == "pre"):
+            self.post_attention_layernorm = make_norm(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, ctx: "ForwardContext") -> Tensor:
+        if self.placement == "pre":
+            h = self.input_layernorm(x)
+            if self.parallel:
+                return x + self.dropout(self.self_attn(h, ctx)) + self.dropout(self.mlp(h))
+            x = x + self.dropout(self.self_attn(h, ctx))
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        a = self.residual_scale
+        if self.parallel:
+            return self.input_layernorm(a * x + self.dropout(self.self_attn(x, ctx)) + self.dropout(self.mlp(x)))
+        x = self.input_layernorm(a * x + self.dropout(self.self_attn(x, ctx)))
+        return self.post_attention_layernorm(a * x + self.dropout(self.mlp(x)))
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+class ForwardContext:
+    """What every layer of one forward pass shares: rotary tables, the mask, cache slots."""
+
+    __slots__ = ("cos", "sin", "mask", "is_causal", "slots", "kv_len")
+
+    def __init__(self, cos, sin, mask, is_causal, slots, kv_len):
+        self.cos, self.sin, self.mask, self.is_causal, self.slots, self.kv_len = cos, sin, mask, is_causal, slots, kv_len
+
+
+def build_mask(
+    config: ModelConfig,
+    q_slots: Tensor,
+    S: int,
+    attention_mask: Tensor | None,
+    prefix_len: Tensor | None,
+    alibi: Tensor | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Attention mask [B|1, 1|H, T, S]: bool, or float when ALiBi adds a bias.
+
+    Query slot i sees key slot j when j <= i (or j is inside the prefix for prefix-LM), j is
+    within the sliding window, and j is not padding. Every query also sees itself, so that
+    padding queries get a finite (unused) output instead of NaN from an all-masked row.
+    """
+    k_slots = torch.arange(S, device=q_slots.device)
+    i, j = q_slots[:, None], k_slots[None, :]  # [T,1], [1,S]
+    allowed = (j <= i)[None]  # [1,T,S]
+    if prefix_len is not None:
+        allowed = allowed | (j[None] < prefix_len.view(-1, 1, 1))
+    if config.sliding_window is not None:
+        allowed = allowed & (i - j < config.sliding_window)[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :S].bool()
+    allowed = (allowed | (i == j)[None]).unsqueeze(1)  # [B,1,T,S]
+    if alibi is None:
+        return allowed
+    bias = -alibi.to(q_slots.device).view(1, -1, 1, 1) * (i - j).abs().to(torch.float32)[None, None]
+    return torch.where(allowed, bias, float("-inf")).to(dtype)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm: hidden states, no head (HF's `LlamaModel`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        if config.norm_placement == "pre":  # post-LN blocks already end in a norm
+            self.norm = make_norm(config)
+        # plain attributes, not buffers: they must stay fp32 when the model is cast to bf16
+        self._inv_freq, self._rope_scale = rope_frequencies(config) if config.position == "rope" else (None, 1.0)
+        self._alibi = alibi_slopes(config.n_head) if config.position == "alibi" else None
+        self.gradient_checkpointing = False
+
+    def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self._inv_freq.device != position_ids.device:
+            self._inv_freq = self._inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self._inv_freq  # [B,T,R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self._rope_scale, emb.sin() * self._rope_scale
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        prefix_len: Tensor | int | None = None,
+        slots: Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        cfg = self.config
+        B, T = input_ids.shape
+        device = input_ids.device
+        cached = slots is not None
+        if not cached:
+            slots = torch.arange(T, device=device)
+        if position_ids is None:
+            position_ids = _positions(attention_mask, slots, B)
+        x = self.embed_tokens(input_ids)
+        if cfg.position == "learned":
+            x = x + self.embed_positions(position_ids)
+        x = self.dropout(x)
+
+        S = (kv_len if kv_len is not None else self._cache_len()) if cached else T
+        if isinstance(prefix_len, int):
+            prefix_len = torch.full((B,), prefix_len, device=device)
+        mask, is_causal = None, False
+        plain = attention_mask is None and prefix_len is None and self._alibi is None and cfg.sliding_window is None
+        if plain and T == S and (not cached or kv_len is not None):
+            is_causal = T > 1  # keys are exactly slots 0..T-1: SDPA's own causal kernel
+        elif plain and T == 1 and kv_len is not None:
+            pass  # one query over the filled slots: it may see them all
+        else:
+            mask = build_mask(cfg, slots, S, attention_mask, prefix_len, self._alibi, x.dtype)
+        cos = sin = None
+        if cfg.position == "rope":
+            cos, sin = self._rope(position_ids, x.dtype)
+        ctx = ForwardContext(cos, sin, mask, is_causal, slots if cached else None, kv_len)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        return self.norm(x) if cfg.norm_placement == "pre" else x
+
+    def _cache_len(self) -> int:
+        cache = self.layers[0].self_attn.kv_cache
+        if cache is None:
+            raise RuntimeError("slots were given but no KV cache is set up: call model.setup_cache(...) first")
+        return cache.k.shape[2]
+
+
+def _positions(attention_mask: Tensor | None, slots: Tensor, B: int) -> Tensor:
+    """Position ids [B,T]: slot numbers, shifted per row past left padding when a mask is given."""
+    if attention_mask is None:
+        return slots.unsqueeze(0).expand(B, -1)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, slots]
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: `model(input_ids, attention_mask)` -> logits [B,T,vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the output head (again after a load that assigned tensors)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        prefix_len: Tensor | int | None = None,
+        slots: Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        """Logits [B,T,V].
+
+        attention_mask: [B,S] with 1 for real tokens, 0 for (left) padding; S = T without a cache,
+            else the number of cache slots in use. position_ids default to counting real tokens only.
+        prefix_len: for prefix-LM masks, the length [B] (or int) of the bidirectional prefix.
+        slots: cache slots [T] the new tokens are written to (needs `setup_cache`).
+        kv_len: read only the first kv_len cache slots (eager decoding); None reads the whole cache.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if slots is None and self.config.position == "learned" and input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len {self.config.max_seq_len}")
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, prefix_len, slots, kv_len))
+
+    # -- caches
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
+        """Allocate a static KV cache in every layer; max_len is rounded up to a multiple of 8."""
+        max_len = 8 * math.ceil(max_len / 8)
+        p = self.lm_head.weight
+        cfg = self.config
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(
+                batch_size, max_len, cfg.n_kv_head, cfg.head_dim, dtype or p.dtype, device or p.device
+            )
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    # -- training helpers
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (memory for compute)."""
+        self.model.gradient_checkpointing = enabled
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cfg = self.config
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if cfg.scaled_residual_init else cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if cfg.norm_placement == "deepnorm":
+            self._deepnorm_init()
+
+    def _deepnorm_init(self) -> None:
+        # DeepNet (Wang et al. 2022): Xavier init, value/output/FFN projections scaled down by beta
+        beta = self.config.deepnorm_beta
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}":
+                gain = 1.0 if name.endswith(("q_proj", "k_proj")) else beta
+                nn.init.xavier_normal_(module.weight, gain=gain)
