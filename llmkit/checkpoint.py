@@ -314,7 +314,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
-    return model.to(device)
+    return model.to(device).eval()  # as transformers' from_pretrained: dropout off until a trainer turns it on
 
 
 def _check_tensors(path: Path, sd: dict[str, Tensor], expected: dict[str, Tensor], origin: dict[str, str]) -> None:

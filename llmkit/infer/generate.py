@@ -1,0 +1,182 @@
+"""Generation: prefill, then incremental decode against the static KV cache.
+
+`generate` works on token ids (batched, left-padded); `generate_text` and `stream_text`
+work on strings, stop at EOS or a stop string, and never split a UTF-8 character.
+The compiled, continuous-batching engine lives in infer/engine.py; this is the plain path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from llmkit.infer.detokenize import StreamDecoder
+from llmkit.infer.sampling import SamplingParams, make_generator, sample
+from llmkit.model import Transformer
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))  # greedy, as HF
+    eos_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first one
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        self.sampling.validate()
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """[B,T] ids and attention mask, padded on the left so every row's last token is at T-1."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+                  pad_id: int = 0) -> Iterator[Tensor]:
+    """Yield the next token of every row ([B] long) each step; finished rows repeat `pad_id`.
+
+    Stops after max_new_tokens or when every row has produced an EOS token.
+    """
+    gen.validate()
+    device = model.lm_head.weight.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, T0 = ids.shape
+    total = T0 + gen.max_new_tokens
+    cfg = model.config
+    if cfg.position == "learned" and total > cfg.max_seq_len:
+        raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({gen.max_new_tokens}) exceeds the model's "
+                         f"context of {cfg.max_seq_len} tokens")
+    padded = bool((mask == 0).any())
+    all_ids = torch.cat([ids, torch.full((B, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)], 1)
+    full_mask = torch.cat([mask, torch.ones((B, gen.max_new_tokens), dtype=torch.long, device=device)], 1)
+    eos = torch.tensor(gen.eos_token_ids or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    generator = make_generator(gen.sampling, device)
+    prefix_len = T0 if cfg.mask == "prefix" else None  # a prefix-LM reads its prompt bidirectionally
+    if gen.use_cache:
+        model.setup_cache(B, total)
+    try:
+        t = T0
+        if gen.use_cache:
+            logits = model(ids, mask if padded else None, prefix_len=prefix_len,
+                           slots=torch.arange(T0, device=device), kv_len=T0)[:, -1]
+        for step in range(gen.max_new_tokens):
+            if not gen.use_cache:
+                logits = model(all_ids[:, :t], full_mask[:, :t] if padded else None, prefix_len=prefix_len)[:, -1]
+            token = sample(logits.float(), gen.sampling, all_ids[:, :t], generator)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            all_ids[:, t] = token
+            done |= torch.isin(token, eos)
+            yield token
+            t += 1
+            if bool(done.all()) or step == gen.max_new_tokens - 1:
+                break
+            if gen.use_cache:
+                logits = model(token[:, None], full_mask[:, :t] if padded else None, prefix_len=prefix_len,
+                               slots=torch.tensor([t - 1], device=device), kv_len=t)[:, -1]
+    finally:
+        if gen.use_cache:
+            model.clear_cache()
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None,
+             pad_id: int = 0) -> list[list[int]]:
+    """New token ids per prompt, up to and including the first EOS."""
+    gen = gen or GenerationConfig()
+    steps = list(decode_tokens(model, prompts, gen, pad_id))
+    if not steps:
+        return [[] for _ in prompts]
+    out = torch.stack(steps, 1).tolist()
+    eos = set(gen.eos_token_ids)
+    return [_cut_at_eos(row, eos) for row in out]
+
+
+def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return row[: i + 1]
+    return row
+
+
+class StopMatcher:
+    """Holds back streamed text that might be the start of a stop string."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        """Text safe to emit now; sets `stopped` once a stop string appears (text before it is emitted)."""
+        self.pending += delta
+        hits = [self.pending.find(s) for s in self.stop if s in self.pending]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], gen: GenerationConfig | None = None,
+                add_special_tokens: bool = False) -> Iterator[str]:
+    """Text deltas of one completion; concatenated they equal `generate_text` of the same prompt."""
+    gen = gen or GenerationConfig()
+    if not gen.eos_token_ids and tokenizer.eos_id is not None:
+        gen = GenerationConfig(gen.max_new_tokens, gen.sampling, (tokenizer.eos_id,), gen.stop, gen.use_cache)
+    ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if isinstance(prompt, str) else list(prompt)
+    decoder = StreamDecoder(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    stops = StopMatcher(gen.stop)
+    eos = set(gen.eos_token_ids)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    for token in decode_tokens(model, [ids], gen, pad):
+        tok = int(token[0])
+        if tok in eos:
+            break
+        text = stops.push(decoder.push(tok))
+        if text:
+            yield text
+        if stops.stopped:
+            return
+    tail = stops.push(decoder.flush())
+    if not stops.stopped:
+        tail += stops.flush()
+    if tail:
+        yield tail
+
+
+def generate_text(model: Transformer, tokenizer, prompts: Sequence[str], gen: GenerationConfig | None = None,
+                  add_special_tokens: bool = False) -> list[str]:
+    """Completions of a batch of prompts (decoded, cut at EOS and at the first stop string)."""
+    gen = gen or GenerationConfig()
+    eos_ids = gen.eos_token_ids or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
+    gen = GenerationConfig(gen.max_new_tokens, gen.sampling, eos_ids, gen.stop, gen.use_cache)
+    encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    texts = []
+    for row in generate(model, encoded, gen, pad):
+        text = tokenizer.decode([t for t in row if t not in set(eos_ids)], skip_special_tokens=True)
+        cuts = [text.find(s) for s in gen.stop if s and s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    return texts
