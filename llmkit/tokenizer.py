@@ -77,6 +77,8 @@ _NO_MAX_LENGTH = int(1e30)
 # What transformers' GPT2Tokenizer assumes when a vocab.json + merges.txt directory names no special tokens.
 _GPT2_SPECIAL_TOKENS = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
 _BATCH = 1000  # texts per batch handed to the Rust trainer
+HELDOUT_EVERY = 100  # one text in 100 is held out when the caller asks for a held-out slice
+HELDOUT_MAX = 2000
 
 
 class TokenizerError(ValueError):
@@ -243,8 +245,12 @@ def train_tokenizer(
     min_frequency: int = 2,
     chat_template: str | None = CHATML_TEMPLATE,
     add_bos: bool = False,
+    heldout: list[str] | None = None,
 ) -> Tokenizer:
     """Train a tokenizer on `.txt` files (line by line) and `.jsonl` files (`text_field` of each line).
+
+    When `heldout` is a list, every `HELDOUT_EVERY`-th text is kept out of training and appended to it
+    (at most `HELDOUT_MAX`), so compression can be measured on text the tokenizer never saw.
 
     `special_tokens` maps a role to a token; roles bos/eos/pad/unk become `bos_token`, ...; other keys are extra
     special tokens. `add_bos` makes `encode(..., add_special_tokens=True)` prepend bos, here and in transformers.
@@ -263,7 +269,7 @@ def train_tokenizer(
             raise TokenizerError(f"{f}: no such file")
     build = _BUILDERS[type]
     backend, trainer = build(vocab_size, min_frequency, list(special_tokens.values()), special_tokens.get("unk"))
-    corpus = _Corpus(files, text_field)
+    corpus = _Corpus(files, text_field, heldout)
     try:
         backend.train_from_iterator(corpus, trainer)
     except TokenizerError:
@@ -369,17 +375,24 @@ _BUILDERS = {"bpe": _bpe, "byte-bpe": _byte_bpe, "wordpiece": _wordpiece, "unigr
 class _Corpus:
     """Streams training text in batches, one file at a time, so huge files never sit in memory."""
 
-    def __init__(self, files: list[Path], text_field: str):
+    def __init__(self, files: list[Path], text_field: str, heldout: list[str] | None = None):
         self.files = files
         self.text_field = text_field
+        self.heldout = heldout
         self.saw_text = False
 
     def __iter__(self) -> Iterator[list[str]]:
         batch = []
+        count = 0
         for path in self.files:
             texts = self._jsonl(path) if path.suffix.lower() == ".jsonl" else (line for _, line in _lines(path))
             for text in texts:
                 self.saw_text = self.saw_text or bool(text.strip())
+                count += 1
+                if self.heldout is not None and count % HELDOUT_EVERY == 0:
+                    if len(self.heldout) < HELDOUT_MAX:
+                        self.heldout.append(text)
+                    continue
                 batch.append(text)
                 if len(batch) == _BATCH:
                     yield batch

@@ -146,7 +146,7 @@ def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], gen:
     if not gen.eos_token_ids and tokenizer.eos_id is not None:
         gen = GenerationConfig(gen.max_new_tokens, gen.sampling, (tokenizer.eos_id,), gen.stop, gen.use_cache)
     ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if isinstance(prompt, str) else list(prompt)
-    decoder = StreamDecoder(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    decoder = StreamDecoder(tokenizer.decode, skip_special_tokens=True)
     stops = StopMatcher(gen.stop)
     eos = set(gen.eos_token_ids)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
