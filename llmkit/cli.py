@@ -213,18 +213,32 @@ def _generation_config(args: Namespace, tokenizer):
 
 # ----------------------------------------------------------------------------- entry point
 
-STAGES: dict[str, tuple[Callable[[], Parser], Callable[[Namespace], None], str]] = {
+Command = tuple[Callable[[], Parser], Callable[[Namespace], None], str]  # parser factory, handler, help line
+
+STAGES: dict[str, Command] = {
     "generate": (generate_parser, run_generate, "continue a prompt"),
     "chat": (chat_parser, run_chat, "interactive chat in the terminal"),
     "tokenizer train": (tokenizer_train_parser, run_tokenizer_train, "train a tokenizer"),
 }
+# each of these modules exports COMMANDS in the same shape as STAGES; they import only
+# jsonargparse at the top, the heavy work inside their handlers, so --help stays fast
+COMMAND_MODULES: list[str] = []
+
+
+def all_commands() -> dict[str, Command]:
+    import importlib
+
+    commands = dict(STAGES)
+    for name in COMMAND_MODULES:
+        commands.update(importlib.import_module(name).COMMANDS)
+    return commands
 
 
 def build_parser() -> Parser:
     root = Parser(prog="llmkit", description="llmkit: one toolkit for the whole life of a large language model.")
     stages = root.add_subcommands(dest="stage", required=True)
     groups: dict[str, object] = {}
-    for name, (make, _, help_text) in STAGES.items():
+    for name, (make, _, help_text) in all_commands().items():
         group, _, action = name.partition(" ")
         if not action:
             stages.add_subcommand(name, make(), help=help_text)
@@ -244,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = args[stage]
     if "action" in sub and isinstance(sub.get("action"), str):
         stage, sub = f"{stage} {sub.action}", sub[sub.action]
-    handler = STAGES[stage][1]
+    handler = all_commands()[stage][1]
     try:
         handler(sub)
     except KeyboardInterrupt:
