@@ -359,13 +359,15 @@ def save(model: Transformer, tokenizer=None, path: str | Path = "checkpoint", ma
     return path
 
 
-def write_checkpoint_files(model: Transformer, tokenizer, out: Path, max_shard_size: str | int) -> None:
+def write_checkpoint_files(model: Transformer, tokenizer, out: Path, max_shard_size: str | int,
+                           state_dict: dict[str, Tensor] | None = None) -> None:
+    """The checkpoint files into `out`; `state_dict` overrides the model's own (e.g. one gathered from FSDP shards)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     cfg = model.config
     model_type = hf_model_type(cfg)
-    sd = to_hf_state_dict(model.state_dict(), cfg, model_type)
+    sd = to_hf_state_dict(model.state_dict() if state_dict is None else state_dict, cfg, model_type)
     # safetensors refuses shared storage: give every tensor its own contiguous memory
     sd = {k: v.detach().contiguous().clone() if v.data_ptr() in _shared_ptrs(sd) else v.detach().contiguous()
           for k, v in sd.items()}

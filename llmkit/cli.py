@@ -15,6 +15,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 EXIT_BAD_INPUT = 2
+_BUILTIN_OPTIONS = ("help", "config", "print_config")
 
 
 class Parser(ArgumentParser):
@@ -26,9 +27,21 @@ class Parser(ArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         text = " ".join(line.strip() for line in message.strip().splitlines()) or "invalid arguments"
+        if any(word in text for word in ("unrecognized", "not expected", "does not accept")):
+            text += f"; valid options: {', '.join(self._valid_options(text))}"
         prog = self.prog.replace(" [options]", "")
         print(f"{prog}: error: {text} (see: {prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
+
+
+    def _valid_options(self, message: str) -> list[str]:
+        import re
+
+        parser = self
+        named = re.search(r"Subcommand '([^']+)' does not accept", message)
+        if named and getattr(self, "_subcommands_action", None):  # the error came up from a stage's own parser
+            parser = self._subcommands_action._name_parser_map.get(named.group(1), self)
+        return sorted(a.dest for a in parser._actions if a.option_strings and a.dest not in _BUILTIN_OPTIONS)
 
 
 def _parser(prog: str, description: str) -> Parser:
@@ -44,6 +57,24 @@ def _parser(prog: str, description: str) -> Parser:
 def _flag(p: Parser, name: str, help: str) -> None:
     """A boolean switch: `--name` turns it on, `--no-name` off (default off)."""
     p.add_argument(name, action=ActionYesNo(no_prefix="no-"), default=False, help=help)
+
+
+def add_dataclass_options(p: Parser, cls) -> None:
+    """One dashed option per dataclass field, with the field's default and `metadata["help"]`."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if hints[f.name] is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), action=ActionYesNo(no_prefix="no-"), default=default,
+                           help=f.metadata.get("help", ""))
+            continue
+        kwargs = {"type": hints[f.name], "default": default, "help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def _add_model_options(p: Parser) -> None:
@@ -222,7 +253,7 @@ STAGES: dict[str, Command] = {
 }
 # each of these modules exports COMMANDS in the same shape as STAGES; they import only
 # jsonargparse at the top, the heavy work inside their handlers, so --help stays fast
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["llmkit.data.pack_cli", "llmkit.train.commands", "llmkit.data.commands"]
 
 
 def all_commands() -> dict[str, Command]:
