@@ -219,12 +219,13 @@ def run_torchrun(args: list[str], nproc: int):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-zero2"])
 def test_distributed_matches_single_process(packed, tmp_path, parallel):
     common = ["--data", str(packed), "--model", "tiny", "--seq-len", "32", "--max-steps", "6", "--warmup-steps",
               "2", "--lr", "3e-3", "--eval-every", "0", "--save-every", "3", "--sample-tokens", "0", "--device", "cpu"]
+    mode = ["--parallel", "fsdp", "--no-fsdp-reshard"] if parallel == "fsdp-zero2" else ["--parallel", parallel]
     run_torchrun(common + ["--micro-batch-size", "4", "--out", str(tmp_path / "single")], 1)
-    run_torchrun(common + ["--micro-batch-size", "2", "--parallel", parallel, "--out", str(tmp_path / "multi")], 2)
+    run_torchrun(common + ["--micro-batch-size", "2", *mode, "--out", str(tmp_path / "multi")], 2)
     single, multi = losses(tmp_path / "single"), losses(tmp_path / "multi")
     assert len(single) == len(multi) == 6
     assert max(abs(a - b) for a, b in zip(single, multi)) <= 1e-5
@@ -235,6 +236,20 @@ def test_distributed_matches_single_process(packed, tmp_path, parallel):
     b, _ = llmkit.load(tmp_path / "multi" / "model")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-4), name
+    if parallel == "fsdp":
+        # resume from the step-3 checkpoint (sharded optimizer state through DCP): same steps 4-6
+        import shutil
+
+        shutil.rmtree(tmp_path / "multi" / "checkpoints" / "step-00000006")
+        run_torchrun(common + ["--micro-batch-size", "2", *mode, "--out", str(tmp_path / "multi"), "--resume"], 2)
+        assert losses(tmp_path / "multi") == multi
+
+
+def test_batch_ramp_up_grows_the_batch(packed, tmp_path):
+    Trainer(recipe(packed, grad_accum=4, batch_ramp_tokens=1000, batch_ramp_start=0.25, max_steps=12,
+                   save_every=12), tmp_path / "run").fit()
+    windows = [json.loads(line)["batch_windows"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert windows[0] == 4 and windows[-1] == 16 and windows == sorted(windows)
 
 
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
