@@ -125,69 +125,14 @@ def _pack_into(documents, tokenizer, tmp: Path, val_fraction: float, seed: int, 
     }
 
 
-def read_documents(files: list[str], text_field: str = "text", txt_unit: str = "paragraph") -> Iterator[str]:
-    """Documents, streamed: from .txt (a whole file, a paragraph or a line each) and .jsonl (`text_field`)."""
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise PackError(f"{path}: no such file")
-        if ".jsonl" in path.suffixes:
-            yield from _jsonl_texts(path, text_field)
-        else:
-            yield from _txt_documents(path, txt_unit)
+def read_documents(files: list[str], text_field: str = "text", txt_unit: str = "paragraph",
+                   skip_bad: bool = False) -> Iterator[str]:
+    """Documents, streamed by llmkit.data.io: .txt (a file, paragraph or line each) and .jsonl, gzip/zstd too."""
+    from llmkit.data.io import Tally, decode_chunk, expand_inputs, read_chunks
 
-
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        import gzip
-
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    if path.suffix == ".zst":
-        import io
-
-        import zstandard
-
-        return io.TextIOWrapper(zstandard.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open(encoding="utf-8", newline="")
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with _open_text(path) as f:
-        n = 0
-        try:
-            for n, line in enumerate(f, 1):
-                yield n, line
-        except UnicodeDecodeError as e:
-            raise PackError(f"{path}:{n + 1}: not valid UTF-8 ({e.reason})") from None
-
-
-def _txt_documents(path: Path, unit: str) -> Iterator[str]:
-    buffer: list[str] = []
-    for _, line in _numbered_lines(path):
-        if unit == "line":
-            if line.strip():
-                yield line.rstrip("\n")
-        elif unit == "paragraph" and not line.strip():
-            if buffer:
-                yield "".join(buffer).rstrip("\n")
-            buffer = []
-        else:
-            buffer.append(line)
-    if buffer and "".join(buffer).strip():
-        yield "".join(buffer).rstrip("\n") if unit == "paragraph" else "".join(buffer)
-
-
-def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
-    for n, line in _numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PackError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise PackError(f"{path}:{n}: expected an object with a string field {field!r}")
-        yield record[field]
+    tally = Tally()
+    for chunk in read_chunks(expand_inputs(files), unit=txt_unit):
+        yield from decode_chunk(chunk, text_field, skip_bad, tally).texts
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -16,8 +16,9 @@ def pack_parser() -> Parser:
     p.add_argument("--output", type=str, required=True, help="output directory (must not exist)")
     p.add_argument("--tokenizer", type=str, required=True, help="tokenizer directory (llmkit or Hugging Face)")
     p.add_argument("--text-field", type=str, default="text", help="JSONL field holding the text")
-    p.add_argument("--txt-unit", type=str, default="paragraph", choices=["file", "paragraph", "line"],
+    p.add_argument("--unit", type=str, default="paragraph", choices=["file", "paragraph", "line"],
                    help="what one document is in a plain-text file")
+    _flag(p, "--skip-bad", help="count and skip malformed lines instead of stopping at the first")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     _flag(p, "--json", help="print the index as one JSON object")
@@ -29,7 +30,7 @@ def run_pack(args: Namespace) -> None:
     from llmkit.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
-    docs = read_documents(args.input, text_field=args.text_field, txt_unit=args.txt_unit)
+    docs = read_documents(args.input, text_field=args.text_field, txt_unit=args.unit, skip_bad=args.skip_bad)
     meta = pack_documents(docs, tok, args.output, val_fraction=args.val_fraction, seed=args.seed, sources=args.input)
     if args.json:
         print(json.dumps(meta))
