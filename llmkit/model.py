@@ -25,10 +25,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.weight  # read once: parameter lookups go through nn.Module.__getattr__ (slow in a decode step)
+        if x.dtype == w.dtype == torch.float32:
+            # the same ops as below in one C++ call, bit for bit in fp32: a norm costs ~10us instead of ~14
+            return torch.rms_norm(x, w.shape, w, self.eps)
         # statistics in fp32 even under bf16: the mean of squares underflows otherwise
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+def make_dropout(p: float) -> nn.Module:
+    # nn.Dropout(0) still costs a module call and an op per use (~3us, twice a layer): too much in decoding
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -89,18 +98,24 @@ def _yarn_inv_freq(theta: float, config: ModelConfig) -> tuple[Tensor, float]:
     return inv_freq, scale
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin [..., R] with its first half negated: the table `apply_rope` takes."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B,H,T,D]; cos/sin [B,1,T,R] with R <= D (partial rotary leaves x[..., R:] unrotated)."""
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x [B,H,T,D]; cos and `signed_sin(sin)` [B,1,T,R], R <= D (partial rotary leaves x[..., R:] unrotated).
+
+    The usual x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1), bit for bit:
+    x.roll(R/2) is cat(x2, x1) and the sign lives in the table (negating a factor is exact).
+    4 ops a call instead of 6, twice a layer in every decode step.
+    """
     R = cos.shape[-1]
     if R == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + x.roll(R // 2, -1) * sin_signed
     rot, rest = x[..., :R], x[..., R:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + rot.roll(R // 2, -1) * sin_signed, rest), dim=-1)
 
 
 def alibi_slopes(n_head: int) -> Tensor:
@@ -146,16 +161,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, K * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=config.attn_out_bias)
         self.kv_cache: KVCache | None = None
+        # (weight, bias) of q, k and v stacked while a KV cache is set up (see STACK_MAX_NUMEL); None otherwise
+        self.qkv_stacked: tuple[Tensor, Tensor | None] | None = None
 
     def forward(self, x: Tensor, ctx: "ForwardContext") -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if ctx.cos is not None:
-            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if self.kv_cache is not None and ctx.slots is not None:
-            k, v = self.kv_cache.update(ctx.slots, k, v)
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_stacked is not None:
+            qkv = F.linear(x, *self.qkv_stacked).view(B, T, H + 2 * K, D).transpose(1, 2)
+            qk, v = qkv[:, : H + K], qkv[:, H + K :]
+            if ctx.cos is not None:  # q and k are adjacent heads here, so they rotate in one go: half the ops
+                qk = apply_rope(qk, ctx.cos, ctx.sin)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
+            if ctx.cos is not None:
+                q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        cache = self.kv_cache
+        if cache is not None and ctx.slots is not None:
+            k, v = cache.update(ctx.slots, k, v)
             if ctx.kv_len is not None:  # eager decoding reads only the filled part of the cache
                 k, v = k[:, :, : ctx.kv_len], v[:, :, : ctx.kv_len]
         y = F.scaled_dot_product_attention(
@@ -181,8 +207,13 @@ class MLP(nn.Module):
             "swiglu": F.silu, "silu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu,
             "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
         }[config.activation]
+        # (weight, bias) of gate and up stacked while a KV cache is set up (see STACK_MAX_NUMEL); None otherwise
+        self.gate_up_stacked: tuple[Tensor, Tensor | None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_stacked is not None:
+            gate, up = F.linear(x, *self.gate_up_stacked).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
@@ -200,7 +231,7 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(config)
         if not (self.parallel and self.placement == "pre"):
             self.post_attention_layernorm = make_norm(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: Tensor, ctx: "ForwardContext") -> Tensor:
         if self.placement == "pre":
@@ -271,7 +302,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         if config.position == "learned":
             self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         if config.norm_placement == "pre":  # post-LN blocks already end in a norm
             self.norm = make_norm(config)
@@ -283,10 +314,12 @@ class Backbone(nn.Module):
     def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if self._inv_freq.device != position_ids.device:
             self._inv_freq = self._inv_freq.to(position_ids.device)
-        freqs = position_ids[..., None].float() * self._inv_freq  # [B,T,R/2]
+        freqs = position_ids.unsqueeze(-1).float() * self._inv_freq  # [B,T,R/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self._rope_scale, emb.sin() * self._rope_scale
-        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+        cos, sin = emb.cos(), emb.sin()
+        if self._rope_scale != 1.0:  # only YaRN scales; skipping a multiply by 1 saves two ops a step
+            cos, sin = cos * self._rope_scale, sin * self._rope_scale
+        return cos.to(dtype).unsqueeze(1), signed_sin(sin.to(dtype)).unsqueeze(1)
 
     def forward(
         self,
@@ -347,6 +380,29 @@ def _positions(attention_mask: Tensor | None, slots: Tensor, B: int) -> Tensor:
     return positions[:, slots]
 
 
+# A decode step at batch 1 is a few hundred ops, and on small layers their fixed cost (a few us
+# each on a CPU) rivals the matmuls. So while a KV cache is set up, q/k/v and gate/up each run as
+# one matmul on stacked copies of their weights; the modules and the state dict are untouched.
+# Every output element is the same dot product as before (bit for bit with MKL on CPU; other BLAS
+# libraries may pick other kernels for the wider shape). The copies cost memory and a copy per
+# `setup_cache`, which pays only while the fixed cost shows, so projections whose stacked weight
+# has more elements than this keep their separate matmuls.
+STACK_MAX_NUMEL = 2**20
+
+
+@torch.no_grad()
+def _stack_linears(*linears: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of plain nn.Linear layers stacked along the output dim; None where that does not apply."""
+    # swapped-in layers (LoRA, quantised) and hooks must keep running as themselves
+    if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in linears):
+        return None
+    if sum(m.weight.numel() for m in linears) > STACK_MAX_NUMEL:
+        return None
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    return weight, bias
+
+
 class Transformer(nn.Module):
     """Decoder-only language model: `model(input_ids, attention_mask)` -> logits [B,T,vocab]."""
 
@@ -389,7 +445,11 @@ class Transformer(nn.Module):
     # -- caches
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
-        """Allocate a static KV cache in every layer; max_len is rounded up to a multiple of 8."""
+        """Allocate a static KV cache in every layer; max_len is rounded up to a multiple of 8.
+
+        Small projections also get stacked weights (see STACK_MAX_NUMEL), copies taken now: the
+        weights must not change until `clear_cache`, which drops both.
+        """
         max_len = 8 * math.ceil(max_len / 8)
         p = self.lm_head.weight
         cfg = self.config
@@ -397,10 +457,16 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(
                 batch_size, max_len, cfg.n_kv_head, cfg.head_dim, dtype or p.dtype, device or p.device
             )
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_stacked = _stack_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            if mlp.gated:
+                mlp.gate_up_stacked = _stack_linears(mlp.gate_proj, mlp.up_proj)
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
+            layer.self_attn.qkv_stacked = None
+            layer.mlp.gate_up_stacked = None
 
     # -- training helpers
 

@@ -68,27 +68,39 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
     done = torch.zeros(B, dtype=torch.bool, device=device)
     generator = make_generator(gen.sampling, device)
     prefix_len = T0 if cfg.mask == "prefix" else None  # a prefix-LM reads its prompt bidirectionally
+    # At batch 1 on a CPU a decode step is a few hundred small ops, so every op saved below shows:
+    # plain greedy is one argmax (sample() takes 5 ops to return the same token), EOS bookkeeping
+    # (3 ops and a host sync) runs only when there is an EOS, the token history is written only
+    # when something reads it, and slot ids are views of one arange instead of new tensors.
+    plain_greedy = gen.sampling.greedy and gen.sampling.repetition_penalty == 1.0
+    track_eos = bool(gen.eos_token_ids)
+    keep_history = not gen.use_cache or gen.sampling.repetition_penalty != 1.0
+    slots = torch.arange(total, device=device)
     if gen.use_cache:
         model.setup_cache(B, total)
     try:
         t = T0
         if gen.use_cache:
-            logits = model(ids, mask if padded else None, prefix_len=prefix_len,
-                           slots=torch.arange(T0, device=device), kv_len=T0)[:, -1]
+            logits = model(ids, mask if padded else None, prefix_len=prefix_len, slots=slots[:T0], kv_len=T0)[:, -1]
         for step in range(gen.max_new_tokens):
             if not gen.use_cache:
                 logits = model(all_ids[:, :t], full_mask[:, :t] if padded else None, prefix_len=prefix_len)[:, -1]
-            token = sample(logits.float(), gen.sampling, all_ids[:, :t], generator)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            all_ids[:, t] = token
-            done |= torch.isin(token, eos)
+            if plain_greedy:
+                token = logits.argmax(dim=-1)
+            else:
+                token = sample(logits.float(), gen.sampling, all_ids[:, :t], generator)
+            if track_eos:
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                done |= torch.isin(token, eos)
+            if keep_history:
+                all_ids[:, t] = token
             yield token
             t += 1
-            if bool(done.all()) or step == gen.max_new_tokens - 1:
+            if step == gen.max_new_tokens - 1 or (track_eos and bool(done.all())):
                 break
             if gen.use_cache:
                 logits = model(token[:, None], full_mask[:, :t] if padded else None, prefix_len=prefix_len,
-                               slots=torch.tensor([t - 1], device=device), kv_len=t)[:, -1]
+                               slots=slots[t - 1:t], kv_len=t)[:, -1]
     finally:
         if gen.use_cache:
             model.clear_cache()
