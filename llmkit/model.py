@@ -161,6 +161,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, K * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=config.attn_out_bias)
         self.kv_cache: KVCache | None = None
+        self.layer_idx = 0  # position in the stack (set by Backbone): picks this layer's prefix_kv entry
         # (weight, bias) of q, k and v stacked while a KV cache is set up (see STACK_MAX_NUMEL); None otherwise
         self.qkv_stacked: tuple[Tensor, Tensor | None] | None = None
 
@@ -184,6 +185,9 @@ class Attention(nn.Module):
             k, v = cache.update(ctx.slots, k, v)
             if ctx.kv_len is not None:  # eager decoding reads only the filled part of the cache
                 k, v = k[:, :, : ctx.kv_len], v[:, :, : ctx.kv_len]
+        if ctx.prefix_kv is not None:  # prefix tuning: P learned keys/values [B,K,P,D] before the sequence's own
+            pk, pv = ctx.prefix_kv[self.layer_idx]
+            k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=ctx.mask,
@@ -253,10 +257,11 @@ class Block(nn.Module):
 class ForwardContext:
     """What every layer of one forward pass shares: rotary tables, the mask, cache slots."""
 
-    __slots__ = ("cos", "sin", "mask", "is_causal", "slots", "kv_len")
+    __slots__ = ("cos", "sin", "mask", "is_causal", "slots", "kv_len", "prefix_kv")
 
-    def __init__(self, cos, sin, mask, is_causal, slots, kv_len):
+    def __init__(self, cos, sin, mask, is_causal, slots, kv_len, prefix_kv=None):
         self.cos, self.sin, self.mask, self.is_causal, self.slots, self.kv_len = cos, sin, mask, is_causal, slots, kv_len
+        self.prefix_kv = prefix_kv
 
 
 def build_mask(
@@ -267,12 +272,14 @@ def build_mask(
     prefix_len: Tensor | None,
     alibi: Tensor | None,
     dtype: torch.dtype,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Attention mask [B|1, 1|H, T, S]: bool, or float when ALiBi adds a bias.
 
     Query slot i sees key slot j when j <= i (or j is inside the prefix for prefix-LM), j is
-    within the sliding window, and j is not padding. Every query also sees itself, so that
-    padding queries get a finite (unused) output instead of NaN from an all-masked row.
+    within the sliding window, j is not padding, and (packed sequences) j is in i's segment.
+    Every query also sees itself, so that padding queries get a finite (unused) output instead
+    of NaN from an all-masked row.
     """
     k_slots = torch.arange(S, device=q_slots.device)
     i, j = q_slots[:, None], k_slots[None, :]  # [T,1], [1,S]
@@ -283,6 +290,8 @@ def build_mask(
         allowed = allowed & (i - j < config.sliding_window)[None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, :S].bool()
+    if segment_ids is not None:  # block-diagonal: packed examples do not see each other
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :S])
     allowed = (allowed | (i == j)[None]).unsqueeze(1)  # [B,1,T,S]
     if alibi is None:
         return allowed
@@ -304,6 +313,8 @@ class Backbone(nn.Module):
             self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
         self.dropout = make_dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        for i, block in enumerate(self.layers):
+            block.self_attn.layer_idx = i
         if config.norm_placement == "pre":  # post-LN blocks already end in a norm
             self.norm = make_norm(config)
         # plain attributes, not buffers: they must stay fp32 when the model is cast to bf16
@@ -323,22 +334,25 @@ class Backbone(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         prefix_len: Tensor | int | None = None,
         slots: Tensor | None = None,
         kv_len: int | None = None,
+        inputs_embeds: Tensor | None = None,
+        prefix_kv: list[tuple[Tensor, Tensor]] | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         cfg = self.config
-        B, T = input_ids.shape
-        device = input_ids.device
+        B, T = inputs_embeds.shape[:2] if inputs_embeds is not None else input_ids.shape
+        device = inputs_embeds.device if inputs_embeds is not None else input_ids.device
         cached = slots is not None
         if not cached:
             slots = torch.arange(T, device=device)
         if position_ids is None:
             position_ids = _positions(attention_mask, slots, B)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)
@@ -347,17 +361,22 @@ class Backbone(nn.Module):
         if isinstance(prefix_len, int):
             prefix_len = torch.full((B,), prefix_len, device=device)
         mask, is_causal = None, False
-        plain = attention_mask is None and prefix_len is None and self._alibi is None and cfg.sliding_window is None
+        plain = (attention_mask is None and prefix_len is None and self._alibi is None and cfg.sliding_window is None
+                 and segment_ids is None and prefix_kv is None)
         if plain and T == S and (not cached or kv_len is not None):
             is_causal = T > 1  # keys are exactly slots 0..T-1: SDPA's own causal kernel
         elif plain and T == 1 and kv_len is not None:
             pass  # one query over the filled slots: it may see them all
         else:
-            mask = build_mask(cfg, slots, S, attention_mask, prefix_len, self._alibi, x.dtype)
+            mask = build_mask(cfg, slots, S, attention_mask, prefix_len, self._alibi, x.dtype, segment_ids)
+        if prefix_kv is not None:  # every query sees the P prefix keys: P leading always-on mask columns
+            P = prefix_kv[0][0].shape[2]
+            visible = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+            mask = torch.cat([visible(mask.shape[:-1] + (P,)), mask], dim=-1)
         cos = sin = None
         if cfg.position == "rope":
             cos, sin = self._rope(position_ids, x.dtype)
-        ctx = ForwardContext(cos, sin, mask, is_causal, slots if cached else None, kv_len)
+        ctx = ForwardContext(cos, sin, mask, is_causal, slots if cached else None, kv_len, prefix_kv)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
@@ -421,12 +440,16 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         prefix_len: Tensor | int | None = None,
         slots: Tensor | None = None,
         kv_len: int | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        prefix_kv: list[tuple[Tensor, Tensor]] | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits [B,T,V].
 
@@ -435,12 +458,24 @@ class Transformer(nn.Module):
         prefix_len: for prefix-LM masks, the length [B] (or int) of the bidirectional prefix.
         slots: cache slots [T] the new tokens are written to (needs `setup_cache`).
         kv_len: read only the first kv_len cache slots (eager decoding); None reads the whole cache.
+        inputs_embeds: [B,T,C] used instead of embedding input_ids (soft prompts); input_ids is then None.
+        prefix_kv: per layer (keys, values) [B,K,P,D] every query also attends to, ahead of the sequence
+            (prefix tuning); they are used as given (no rotary), as a cache of P entries is.
+        segment_ids: [B,T] example number of each token of a packed row (0 = padding): attention stays
+            inside a segment; pass position_ids restarting at 0 per segment with it.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if slots is None and self.config.position == "learned" and input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len {self.config.max_seq_len}")
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, prefix_len, slots, kv_len))
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        shape = tuple((input_ids if inputs_embeds is None else inputs_embeds).shape)
+        if len(shape) != (2 if inputs_embeds is None else 3):
+            raise ValueError(f"input_ids must be [batch, seq] (inputs_embeds [batch, seq, d_model]), got {shape}")
+        if slots is None and self.config.position == "learned" and shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {shape[1]} exceeds max_seq_len {self.config.max_seq_len}")
+        if slots is not None and (prefix_kv is not None or segment_ids is not None):
+            raise ValueError("prefix_kv and segment_ids are for training passes; they do not combine with a KV cache")
+        hidden = self.model(input_ids, attention_mask, position_ids, prefix_len, slots, kv_len,
+                            inputs_embeds=inputs_embeds, prefix_kv=prefix_kv, segment_ids=segment_ids)
+        return self.lm_head(hidden)
 
     # -- caches
 

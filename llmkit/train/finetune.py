@@ -1,0 +1,383 @@
+"""Supervised fine-tuning, fully or with any PEFT method, with exact resume.
+
+    llmkit finetune --model base/ --data ../shared/data/alpaca_2k.jsonl --method lora --out runs/sft --max-steps 200
+    llmkit finetune ... --resume                     # continue a killed run from its last checkpoint
+    llmkit merge --model base/ --adapter runs/sft/adapter --out merged/
+
+The loop is the pretraining Trainer's (progress bar, eval/save cadence, metrics.jsonl, TensorBoard, spike
+guard, checkpoint pruning, output-dir protection); this class swaps in the SFT batch source, the
+trainable-parameter set of the chosen method, and what a checkpoint holds:
+
+  OUT/checkpoints/step-N/   adapter_config.json + adapter_model.safetensors (PEFT's layout, loadable there),
+                            trainable.safetensors (every trainable tensor, e.g. prefix MLPs PEFT does not keep),
+                            trainer_state-rank0.pt (optimiser, schedule, RNG, counters, AdaLoRA importance),
+                            data_state.json (epoch and position in the shuffled examples)
+                            -- or, for --method full, a whole model directory in place of the adapter files
+  OUT/adapter/ or OUT/model/  the result, with a README.md card; OUT/metrics.jsonl one record per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmkit import peft
+from llmkit.card import append_card_section, model_card, write_card
+from llmkit.data.sft import SFTBatches, collate, load_sft, split_val
+from llmkit.train import distributed as dist_utils
+from llmkit.train.objectives import IGNORE, lm_loss
+from llmkit.train.optim import build_optimizer, lr_multiplier
+from llmkit.train.finetune_commands import DEFAULT_TARGETS, FinetuneConfig  # noqa: F401  (FinetuneConfig: API)
+from llmkit.train.trainer import STEP_DIR, SpikeRollback, Trainer, TrainError
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def method_config(cfg: FinetuneConfig) -> peft.AdapterConfig | None:
+    """The family config for `cfg.method` (None for full fine-tuning)."""
+    m, targets = cfg.method, cfg.target_modules or DEFAULT_TARGETS.get(cfg.method, "")
+    if m == "full":
+        return None
+    if m in ("lora", "dora", "qlora"):
+        return peft.LoraConfig(method=m, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               target_modules=targets, rslora=cfg.rslora, dora=m == "dora", quantize=m == "qlora",
+                               compute_dtype=cfg.qlora_compute_dtype)
+    if m == "adalora":
+        return peft.AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.adalora_target_r, alpha=cfg.lora_alpha,
+                                  dropout=cfg.lora_dropout, target_modules=targets, tinit=cfg.adalora_tinit,
+                                  tfinal=cfg.adalora_tfinal, delta_t=cfg.adalora_delta_t,
+                                  orth_reg_weight=cfg.adalora_orth_reg_weight, total_step=cfg.max_steps)
+    if m == "ia3":
+        return peft.IA3Config(target_modules=targets, feedforward_modules=cfg.ia3_feedforward_modules)
+    if m == "adapter":
+        return peft.BottleneckConfig(size=cfg.adapter_size, target_modules=targets)
+    if m == "bitfit":
+        return peft.BitFitConfig()
+    return peft.PromptConfig(method=m, num_virtual_tokens=cfg.num_virtual_tokens,
+                             init_text=cfg.prompt_init_text or None, encoder_hidden_size=cfg.encoder_hidden_size)
+
+
+class FineTuner(Trainer):
+    """The pretraining loop over SFT batches and a method's trainable parameters (single process)."""
+
+    def __init__(self, cfg: FinetuneConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+                 on_step: Callable[[int, dict], None] | None = None):
+        from llmkit.checkpoint import load
+
+        cfg.validate()
+        self.cfg, self.out, self.on_step = cfg, Path(out), on_step
+        self.env = dist_utils.setup(cfg.device)
+        if self.env.distributed:
+            raise TrainError("llmkit finetune runs in one process; launch it without torchrun")
+        self.device = self.env.device
+        self._prepare_out_dir(resume, overwrite)
+        model, self.tokenizer = load(cfg.model)
+        if self.tokenizer is None:
+            raise TrainError(f"{cfg.model}: no tokenizer in the checkpoint; fine-tuning needs one")
+        self._set_chat_template()
+        self.train_data, self.val_examples = self._load_data()
+        torch.manual_seed(cfg.seed)  # adapter initialisation
+        self.peft_config = method_config(cfg)
+        # QLoRA on a GPU: the frozen base goes over in bf16 and is quantised there (bitsandbytes when installed)
+        dtype = torch.bfloat16 if cfg.method == "qlora" and self.device.type == "cuda" else torch.float32
+        model = model.to(self.device, dtype)
+        if self.peft_config is not None:
+            model = peft.apply(model, self.peft_config, self.tokenizer)
+        self.raw_model = self.model = self.forward = model
+        if cfg.activation_checkpointing:
+            self._base_model().set_activation_checkpointing(True)
+        self.report = peft.trainable_report(model)
+        print(f"llmkit finetune: {cfg.method}: {peft.format_report(self.report)}", file=sys.stderr)
+        self.optimizer = build_optimizer(model, cfg.optimizer, cfg.peak_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                         cfg.eps, cfg.momentum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(
+            s, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.decay_fraction))
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.fp16_init_scale,
+                                           enabled=cfg.precision == "fp16")
+        self.allocator = None
+        if cfg.method == "adalora":
+            from llmkit.peft.adalora import RankAllocator
+
+            self.allocator = RankAllocator(model, self.peft_config)
+        self.step, self.tokens_seen, self.recent_losses = 0, 0, deque(maxlen=cfg.spike_window)
+        self.initial_val: dict = {}
+        torch.manual_seed(cfg.seed + 1)  # dropout
+        if resume:
+            self._restore(self._latest_checkpoint())
+        self.metrics = self._open_metrics()
+        self.tb = self._tensorboard()
+
+    # -- setup
+
+    def _base_model(self):
+        return getattr(self.raw_model, "base", self.raw_model)
+
+    def _set_chat_template(self) -> None:
+        from llmkit.tokenizer import CHAT_TEMPLATES
+
+        tok, name = self.tokenizer, self.cfg.chat_template
+        if name:
+            tok.chat_template = CHAT_TEMPLATES.get(name, name)
+        elif tok.chat_template is None:
+            tok.chat_template = CHAT_TEMPLATES["chatml"]
+
+    def _load_data(self):
+        cfg, tok = self.cfg, self.tokenizer
+        files = [f.strip() for f in cfg.data.split(",") if f.strip()]
+        options = dict(format=cfg.format, train_on_prompt=cfg.train_on_prompt, system_prompt=cfg.system_prompt or None)
+        examples, self.data_stats = load_sft(files, tok, cfg.max_seq_len, **options)
+        if cfg.val_data:
+            val, _ = load_sft([f.strip() for f in cfg.val_data.split(",")], tok, cfg.max_seq_len, verbose=False,
+                              **options)
+            train = examples
+        else:
+            train, val = split_val(examples, cfg.val_fraction, cfg.seed)
+        pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+        batches = SFTBatches(train, cfg.micro_batch_size, cfg.max_seq_len, pad, pack=cfg.pack, seed=cfg.seed)
+        return batches, val
+
+    # -- the loop
+
+    def fit(self) -> dict:
+        if self.step == 0 and self.val_examples:
+            self.initial_val = self.evaluate()
+        return super().fit()
+
+    def _accum_steps(self) -> int:
+        return self.cfg.grad_accum
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Forward one batch; packed batches carry segment and position ids so examples do not see each other."""
+        ids = batch["input_ids"].to(self.device)
+        if self.cfg.pack:
+            return self.forward(ids, position_ids=batch["position_ids"].to(self.device),
+                                segment_ids=batch["segment_ids"].to(self.device))
+        return self.forward(ids)
+
+    def _train_step(self) -> dict:
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.model.train()
+        micro = [self.train_data.next_batch() for _ in range(cfg.grad_accum)]
+        # normalise by the labelled tokens of the whole step, so accumulation gives the big-batch gradient
+        n_labels = max(1, sum(int((b["labels"] != IGNORE).sum()) for b in micro))
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro:
+            with self._autocast():
+                loss = lm_loss(self.logits(batch), batch["labels"].to(self.device), reduction="sum")
+            self.scaler.scale(loss / n_labels).backward()
+            loss_sum += loss.detach()
+        record = {"step": self.step + 1, "loss": float(loss_sum) / n_labels}
+        if self.allocator is not None and self.peft_config.orth_reg_weight > 0:
+            from llmkit.peft.adalora import orthogonal_regularizer
+
+            reg = orthogonal_regularizer(self.raw_model)
+            self.scaler.scale(self.peft_config.orth_reg_weight * reg).backward()
+            record["orth_reg"] = float(reg.detach())
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = dist_utils.clip_grad_norm(self.raw_model, cfg.grad_clip, self.env)
+        record.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm)
+        finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+        if finite and self._is_spike(record["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.spike_rollback:
+                raise SpikeRollback(f"step {self.step + 1}: loss {record['loss']:.4f} spiked over its running mean")
+            record["spike"] = True
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+            self.recent_losses.append(record["loss"])
+            if self.allocator is not None:  # AdaLoRA reads the gradients of this step, after the update
+                record["rank_budget"] = self.allocator.step(self.raw_model, self.step + 1)
+        else:
+            record["skipped"] = "non-finite loss or gradient"
+            self._event({"event": "skip_nonfinite", "step": self.step + 1, "loss": record["loss"],
+                         "grad_norm": grad_norm})
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int((b["segment_ids"] > 0).sum()) for b in micro)
+        self.tokens_seen += tokens
+        record.update(tokens=self.tokens_seen, label_tokens=n_labels,
+                      tokens_per_s=round(tokens / (time.perf_counter() - start), 1))
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.val_examples:
+            return {}
+        cfg, pad = self.cfg, self.train_data.pad_id
+        self.model.eval()
+        total, count = 0.0, 0
+        n = min(len(self.val_examples), cfg.eval_batches * cfg.micro_batch_size)
+        for i in range(0, n, cfg.micro_batch_size):
+            batch = collate([[e] for e in self.val_examples[i: i + cfg.micro_batch_size]], None, pad)
+            with self._autocast():
+                logits = self.forward(batch["input_ids"].to(self.device))
+            total += float(lm_loss(logits, batch["labels"].to(self.device), reduction="sum"))
+            count += int((batch["labels"] != IGNORE).sum())
+        val_loss = total / max(count, 1)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+
+    # -- checkpoints
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.raw_model.named_parameters() if p.requires_grad}
+
+    def _write_weights(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from llmkit.checkpoint import write_checkpoint_files
+
+        if self.peft_config is None:
+            write_checkpoint_files(self.raw_model, self.tokenizer, directory, "5GB")
+            return
+        peft.save_adapter(self.raw_model, directory, base_model=str(Path(self.cfg.model).resolve()))
+        save_file(self._trainable_state(), str(directory / TRAINABLE_FILE), metadata={"format": "pt"})
+
+    def _trainer_state(self) -> dict:
+        state = super()._trainer_state()
+        if self.allocator is not None:
+            from llmkit.peft.adalora import rank_masks
+
+            state["adalora"] = {"allocator": self.allocator.state_dict(), "masks": rank_masks(self.raw_model)}
+        return state
+
+    def save_checkpoint(self) -> Path:
+        final = self.out / "checkpoints" / STEP_DIR.format(self.step)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            self._write_weights(tmp)
+            (tmp / "data_state.json").write_text(json.dumps(self.train_data.state_dict()))
+            torch.save(self._trainer_state(), tmp / "trainer_state-rank0.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune_checkpoints()
+        return final
+
+    def _restore(self, path: Path) -> None:
+        state_file = path / "trainer_state-rank0.pt"
+        if not state_file.is_file():
+            raise TrainError(f"{state_file}: missing; the checkpoint is incomplete")
+        # weights_only: trainer state holds tensors and plain containers, never code
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        self._load_weights(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.recent_losses = deque(state["recent_losses"], maxlen=self.cfg.spike_window)
+        if self.allocator is not None:
+            from llmkit.peft.adalora import set_rank_masks
+
+            self.allocator.load_state_dict(state["adalora"]["allocator"])
+            set_rank_masks(self.raw_model, state["adalora"]["masks"])
+        self.train_data.load_state_dict(json.loads((path / "data_state.json").read_text()))
+
+    def _load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.peft_config is None:
+            from llmkit.checkpoint import load_model
+
+            self.raw_model.load_state_dict(load_model(path, self.device).state_dict())
+            return
+        saved = load_file(str(path / TRAINABLE_FILE), device=str(self.device))
+        expected = self._trainable_state()
+        if set(saved) != set(expected):
+            odd = sorted(set(saved) ^ set(expected))[0]
+            raise TrainError(f"{path / TRAINABLE_FILE}: tensor {odd!r} does not match this run's trainable "
+                             "parameters; resume with the same method and options")
+        with torch.no_grad():
+            for name, p in self.raw_model.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+
+    def save_final(self) -> Path:
+        """The result alone: OUT/adapter (PEFT layout) or, for full fine-tuning, OUT/model; with a card."""
+        target = self.out / ("model" if self.peft_config is None else "adapter")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.out))
+        try:
+            self._write_weights(tmp)
+            (tmp / TRAINABLE_FILE).unlink(missing_ok=True)  # training state, not part of the adapter
+            if self.peft_config is not None:
+                self.tokenizer.save(tmp)  # the chat template it was trained with travels with the adapter
+            base_card = Path(self.cfg.model) / "README.md"
+            if self.peft_config is None and base_card.is_file():  # the base model's card, plus how it was tuned
+                shutil.copy(base_card, tmp / "README.md")
+                append_card_section(tmp, "Fine-tuning", self._card_body())
+            else:
+                sections = {"Fine-tuning": self._card_body()}
+                write_card(tmp, model_card(self._base_model().config, self.tokenizer, sections))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _card_body(self) -> str:
+        cfg, stats = self.cfg, self.data_stats
+        lines = [f"- base model: `{cfg.model}`", f"- method: {cfg.method}; {peft.format_report(self.report)}",
+                 f"- data: {cfg.data} ({stats.records:,} records, {stats.truncated} truncated to {cfg.max_seq_len} "
+                 f"tokens; loss on {'all' if cfg.train_on_prompt else 'assistant'} tokens"
+                 f"{', packed' if cfg.pack else ''})",
+                 f"- steps: {self.step} of {cfg.max_steps}, lr {cfg.peak_lr:g} ({cfg.schedule}), batch "
+                 f"{cfg.micro_batch_size}x{cfg.grad_accum}, precision {cfg.precision}"]
+        if self.initial_val:
+            lines.append(f"- validation loss before: {self.initial_val['val_loss']:.4f}")
+        last = self._last_val()
+        if last is not None:
+            lines.append(f"- validation loss after: {last:.4f}")
+        if self.peft_config is not None:
+            lines.append("- load: `llmkit.peft.load_adapter(model, dir)` or "
+                         "`peft.PeftModel.from_pretrained(model, dir)`; fold in with `llmkit merge`")
+        return "\n".join(lines)
+
+    def _last_val(self) -> float | None:
+        path = self.out / "metrics.jsonl"
+        found = None
+        if path.exists():
+            for line in path.read_text().splitlines():
+                found = json.loads(line).get("val_loss", found)
+        return found
+
+
+def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
+    """Base + adapter -> one model directory with the adapter folded into the weights."""
+    import llmkit
+
+    model, tok = llmkit.load(model_dir)
+    model = peft.load_adapter(model, adapter_dir, tok)
+    try:
+        peft.merge_and_unload(model)
+    except peft.PeftError as e:  # name the adapter, as PEFT's safe_merge does
+        raise peft.PeftError(f"{adapter_dir}: {e}") from None
+    adapter_tok = Path(adapter_dir) / "tokenizer.json"
+    if adapter_tok.is_file():  # the tokenizer (chat template) the adapter was trained with
+        from llmkit.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(adapter_dir)
+    out = llmkit.save(model, tok, out)
+    card = Path(adapter_dir) / "README.md"
+    if card.is_file():
+        shutil.copy(card, Path(out) / "README.md")
+    append_card_section(out, "Merged adapter", f"- base model: `{model_dir}`\n- adapter: `{adapter_dir}` "
+                        f"({model.config.name}), folded into the weights by `llmkit merge`")
+    return Path(out)
