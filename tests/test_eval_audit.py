@@ -15,7 +15,6 @@ from llmkit.model import Transformer
 from llmkit.tokenizer import train_tokenizer
 from llmkit.train.objectives import lm_loss
 
-torch.set_num_threads(1)
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 if not SHAKESPEARE.is_file():
     SHAKESPEARE = Path(llmkit.__file__).parent / "assets" / "tinyshakespeare.txt"

@@ -20,7 +20,6 @@ from llmkit.eval.lm import EvalLM
 from llmkit.model import Transformer
 from llmkit.tokenizer import train_tokenizer
 
-torch.set_num_threads(1)
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 if not SHAKESPEARE.is_file():
     SHAKESPEARE = Path(llmkit.__file__).parent / "assets" / "tinyshakespeare.txt"

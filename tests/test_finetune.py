@@ -13,7 +13,6 @@ from llmkit.config import ModelConfig
 from llmkit.model import Transformer
 from llmkit.tokenizer import CHAT_TEMPLATES, train_tokenizer
 from llmkit.train.finetune import FinetuneConfig, FineTuner
-from test_finetune_data import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = DATA / "alpaca_2k.jsonl"

@@ -20,15 +20,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second intra-op thread only adds synchronisation (20x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     corpus = tmp_path_factory.mktemp("sft") / "corpus.txt"

@@ -11,7 +11,6 @@ from llmkit import peft
 from llmkit.config import ModelConfig
 from llmkit.model import Transformer
 from llmkit.peft.core import target_names
-from test_finetune_data import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 LAYER_CONFIGS = {
     "lora": lambda: peft.LoraConfig(r=4, alpha=8, dropout=0.1),

@@ -9,7 +9,6 @@ from llmkit.model import Transformer
 from llmkit.peft.nf4 import BLOCK, NF4, NF4Linear, NF4Weight, dequantize_nf4, model_nbytes, nf4_codebook, \
     quantize_nf4
 from llmkit.train.objectives import lm_loss
-from test_finetune_data import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def test_codebook_is_the_normal_quantiles():

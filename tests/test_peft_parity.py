@@ -9,7 +9,6 @@ import llmkit
 from llmkit import peft
 from llmkit.peft.adalora import RankAllocator, orthogonal_regularizer
 from llmkit.train.objectives import lm_loss
-from test_finetune_data import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 hf_peft = pytest.importorskip("peft")
 

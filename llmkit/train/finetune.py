@@ -38,7 +38,7 @@ from llmkit.train import distributed as dist_utils
 from llmkit.train.objectives import IGNORE, lm_loss
 from llmkit.train.optim import build_optimizer, lr_multiplier
 from llmkit.train.finetune_commands import DEFAULT_TARGETS, FinetuneConfig  # noqa: F401  (FinetuneConfig: API)
-from llmkit.train.trainer import STEP_DIR, SpikeRollback, Trainer, TrainError
+from llmkit.train.trainer import STEP_DIR, Trainer, TrainError
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -69,6 +69,8 @@ def method_config(cfg: FinetuneConfig) -> peft.AdapterConfig | None:
 
 class FineTuner(Trainer):
     """The pretraining loop over SFT batches and a method's trainable parameters (single process)."""
+
+    stage = "finetune"
 
     def __init__(self, cfg: FinetuneConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                  on_step: Callable[[int, dict], None] | None = None):
@@ -164,6 +166,10 @@ class FineTuner(Trainer):
                                 segment_ids=batch["segment_ids"].to(self.device))
         return self.forward(ids)
 
+    def _after_update(self, record: dict) -> None:
+        if self.allocator is not None:  # AdaLoRA reads the gradients of this step, after the update
+            record["rank_budget"] = self.allocator.step(self.raw_model, self.step + 1)
+
     def _train_step(self) -> dict:
         cfg = self.cfg
         start = time.perf_counter()
@@ -187,24 +193,7 @@ class FineTuner(Trainer):
         self.scaler.unscale_(self.optimizer)
         grad_norm = dist_utils.clip_grad_norm(self.raw_model, cfg.grad_clip, self.env)
         record.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm)
-        finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
-        if finite and self._is_spike(record["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            if cfg.spike_rollback:
-                raise SpikeRollback(f"step {self.step + 1}: loss {record['loss']:.4f} spiked over its running mean")
-            record["spike"] = True
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.scheduler.step()
-            self.recent_losses.append(record["loss"])
-            if self.allocator is not None:  # AdaLoRA reads the gradients of this step, after the update
-                record["rank_budget"] = self.allocator.step(self.raw_model, self.step + 1)
-        else:
-            record["skipped"] = "non-finite loss or gradient"
-            self._event({"event": "skip_nonfinite", "step": self.step + 1, "loss": record["loss"],
-                         "grad_norm": grad_norm})
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._apply_update(record, grad_norm)
         tokens = sum(int((b["segment_ids"] > 0).sum()) for b in micro)
         self.tokens_seen += tokens
         record.update(tokens=self.tokens_seen, label_tokens=n_labels,

@@ -48,6 +48,8 @@ class SpikeRollback(Exception):
 
 
 class Trainer:
+    stage = "pretrain"  # names the progress bar and log lines
+
     def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                  on_step: Callable[[int, dict], None] | None = None):
         cfg.validate()
@@ -147,7 +149,7 @@ class Trainer:
         cfg = self.cfg
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", unit="step", file=sys.stderr,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage, unit="step", file=sys.stderr,
                    disable=not self.env.is_main, dynamic_ncols=True)
         last: dict = {}
         t0 = time.perf_counter()
@@ -222,22 +224,7 @@ class Trainer:
         grad_norm = dist_utils.clip_grad_norm(self.raw_model, cfg.grad_clip, env)
         record = {"step": self.step + 1, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
                   "grad_norm": grad_norm, "batch_windows": accum * cfg.micro_batch_size * env.world_size}
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite and self._is_spike(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            if cfg.spike_rollback:
-                raise SpikeRollback(f"step {self.step + 1}: loss {loss_value:.4f} spiked over its running mean")
-            record["spike"] = True
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.scheduler.step()
-            self.recent_losses.append(loss_value)
-        else:  # skip the update; with fp16 the scaler lowers its scale and the next step retries
-            record["skipped"] = "non-finite loss or gradient"
-            self._event({"event": "skip_nonfinite", "step": self.step + 1, "loss": loss_value,
-                         "grad_norm": grad_norm})
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._apply_update(record, grad_norm)
         tokens = accum * cfg.micro_batch_size * cfg.seq_len * env.world_size
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - start
@@ -248,6 +235,30 @@ class Trainer:
         if mfu is not None:
             record["mfu"] = round(mfu, 4)
         return record
+
+    def _apply_update(self, record: dict, grad_norm: float) -> bool:
+        """Spike guard, then the optimiser step, or its skip on a non-finite loss or gradient; True if applied."""
+        loss = record["loss"]
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite and self._is_spike(loss):
+            self.optimizer.zero_grad(set_to_none=True)  # the spiking batch moves nothing
+            if self.cfg.spike_rollback:
+                raise SpikeRollback(f"step {self.step + 1}: loss {loss:.4f} spiked over its running mean")
+            record["spike"] = True
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+            self.recent_losses.append(loss)
+            self._after_update(record)
+        else:  # skip the update; with fp16 the scaler lowers its scale and the next step retries
+            record["skipped"] = "non-finite loss or gradient"
+            self._event({"event": "skip_nonfinite", "step": self.step + 1, "loss": loss, "grad_norm": grad_norm})
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def _after_update(self, record: dict) -> None:
+        """Hook for subclasses: runs after an applied optimiser step, while this step's gradients still exist."""
 
     def _is_spike(self, loss: float) -> bool:
         cfg = self.cfg
@@ -323,7 +334,7 @@ class Trainer:
         if self.env.is_main:
             with (self.out / "events.jsonl").open("a") as f:
                 f.write(json.dumps(event) + "\n")
-            print(f"llmkit pretrain: {event['event']}: {event}", file=sys.stderr)
+            print(f"llmkit {self.stage}: {event['event']}: {event}", file=sys.stderr)
 
     # -- checkpoints
 
