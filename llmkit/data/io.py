@@ -59,6 +59,17 @@ def split_format(path: str | os.PathLike) -> tuple[str, str | None]:
     return ("jsonl" if name.endswith(JSONL_SUFFIXES) else "txt"), comp
 
 
+def iter_jsonl(lines: Iterable[str], source: str, error: type[Exception] = DataError) -> Iterator[tuple[str, Any]]:
+    """("file:line", value) for every non-blank JSONL line; a malformed one raises `error` naming file:line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{source}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{source}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     """Input paths with glob patterns expanded (sorted) and directories listed; each must be a file."""
     files: list[str] = []

@@ -12,12 +12,12 @@ A battle log is JSONL, one battle per line: `{"model_a": ..., "model_b": ..., "w
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from llmkit.data.io import iter_jsonl
 
 K_FACTOR, BASE, SCALE, INIT_RATING = 4.0, 10.0, 400.0, 1000.0
 WINNERS = {"model_a": 1.0, "a": 1.0, "model_b": 0.0, "b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5, "draw": 0.5}
@@ -33,14 +33,8 @@ def read_battles(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise BattleError(f"{path}: no such battle file")
     battles = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BattleError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        battles.append(normalize_battle(obj, f"{path}:{n}"))
+    for where, obj in iter_jsonl(path.read_text(encoding="utf-8").splitlines(), str(path), BattleError):
+        battles.append(normalize_battle(obj, where))
     if not battles:
         raise BattleError(f"{path}: no battles")
     return battles

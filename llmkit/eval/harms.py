@@ -14,7 +14,6 @@ toxic sample), as in RealToxicityPrompts (Gehman et al. 2020).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from llmkit.data.io import iter_jsonl
 
 
 class HarmsError(ValueError):
@@ -151,18 +151,12 @@ def read_prompts(path: str | Path) -> list[str]:
     if path.suffix not in (".jsonl", ".json"):
         return [ln for ln in lines if ln.strip()]
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HarmsError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, obj in iter_jsonl(lines, str(path), HarmsError):
         value = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
         if isinstance(value, dict):  # RealToxicityPrompts: {"prompt": {"text": ...}}
             value = value.get("text")
         if not isinstance(value, str):
-            raise HarmsError(f"{path}:{n}: expected a 'prompt' (or 'text') string")
+            raise HarmsError(f"{where}: expected a 'prompt' (or 'text') string")
         prompts.append(value)
     if not prompts:
         raise HarmsError(f"{path}: no prompts")

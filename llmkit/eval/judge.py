@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from llmkit.data.io import iter_jsonl
 
 SINGLE_SYSTEM = "You are a helpful assistant."
 SINGLE_PROMPT = (
@@ -140,25 +141,19 @@ def read_answers(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise JudgeError(f"{path}: no such answers file")
     questions: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JudgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, obj in iter_jsonl(path.read_text(encoding="utf-8").splitlines(), str(path), JudgeError):
         if not isinstance(obj, dict) or not isinstance(obj.get("question"), str):
-            raise JudgeError(f"{path}:{n}: expected an object with a 'question' string")
+            raise JudgeError(f"{where}: expected an object with a 'question' string")
         qid = str(obj.get("question_id", obj["question"]))
         entry = questions.setdefault(qid, {"question": obj["question"], "answers": {}})
         if "answers" in obj:
             if not isinstance(obj["answers"], dict) or not all(isinstance(v, str) for v in obj["answers"].values()):
-                raise JudgeError(f"{path}:{n}: field 'answers' must map model names to answer strings")
+                raise JudgeError(f"{where}: field 'answers' must map model names to answer strings")
             entry["answers"].update(obj["answers"])
         elif isinstance(obj.get("model"), str) and isinstance(obj.get("answer"), str):
             entry["answers"][obj["model"]] = obj["answer"]
         else:
-            raise JudgeError(f"{path}:{n}: needs 'model' and 'answer' strings (or an 'answers' object)")
+            raise JudgeError(f"{where}: needs 'model' and 'answer' strings (or an 'answers' object)")
     if not questions:
         raise JudgeError(f"{path}: no answers")
     return questions

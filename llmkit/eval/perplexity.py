@@ -10,11 +10,11 @@ Words are counted as lm-eval does: len(re.split(r"\\s+", text)).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
+from llmkit.data.io import iter_jsonl
 
 
 class DataError(ValueError):
@@ -65,15 +65,9 @@ def read_texts(path: str | Path, text_field: str = "text", unit: str | None = No
         raise DataError(f"{path}: not valid UTF-8 ({e})") from None
     if path.suffix in (".jsonl", ".json"):
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for where, obj in iter_jsonl(raw.splitlines(), str(path), DataError):
             if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise DataError(f"{path}:{n}: expected an object with a string field {text_field!r}")
+                raise DataError(f"{where}: expected an object with a string field {text_field!r}")
             texts.append(obj[text_field])
         return texts
     unit = unit or "file"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from llmkit.data.io import iter_jsonl
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until")
@@ -320,15 +321,9 @@ def _read_json_file(path: Path, field: str | None = None) -> list[dict[str, Any]
             raise TaskError(f"{path}: expected a JSON list of objects")
         return data
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, row in iter_jsonl(text.splitlines(), str(path), TaskError):
         if not isinstance(row, dict):
-            raise TaskError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
 
