@@ -265,19 +265,12 @@ class FineTuner(Trainer):
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         self._load_weights(path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.recent_losses = deque(state["recent_losses"], maxlen=self.cfg.spike_window)
+        self._restore_loop(state, path)
         if self.allocator is not None:
             from llmkit.peft.adalora import set_rank_masks
 
             self.allocator.load_state_dict(state["adalora"]["allocator"])
             set_rank_masks(self.raw_model, state["adalora"]["masks"])
-        self.train_data.load_state_dict(json.loads((path / "data_state.json").read_text()))
 
     def _load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file

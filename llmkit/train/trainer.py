@@ -429,6 +429,10 @@ class Trainer:
                 sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
             self.raw_model.load_state_dict(sd)
             self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_loop(state, path)
+
+    def _restore_loop(self, state: dict, path: Path) -> None:
+        """Schedule, loss scaler, RNG, counters and data position: all a resumed run needs besides weights."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
