@@ -35,6 +35,11 @@ GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
+# optimiser state bytes per trainable parameter, besides the fp32 master copy of mixed precision:
+# AdamW keeps two fp32 moments; 8-bit AdamW (llmkit.train.optim.AdamW8bit, bitsandbytes) one byte each plus an
+# fp32 absmax per 256-value block each; SGD one fp32 momentum; Adafactor factored second moments (rows + columns,
+# a negligible fraction of a matrix) and no first moment
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2 + 2 * 4 / 256, "sgd": 4.0, "adafactor": 0.0}
 # NF4 with double quantisation (QLoRA paper, section 3): 4 bits + 8-bit absmax per 64 + fp32 per 256 of those
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 # CUDA context, allocator fragmentation and NCCL buffers never go to tensors
@@ -85,6 +90,8 @@ class PlanConfig:
                                                                  "max_seq_len)"})
     micro_batch: int = field(default=1, metadata={"help": "sequences per GPU per forward pass"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    optimizer: str = field(default="adamw", metadata={"help": "optimiser whose states are counted",
+                                                      "choices": list(OPTIMIZER_STATE_BYTES)})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     attention: str = field(default="flash", metadata={"help": "flash (no T x T scores kept) or eager",
                                                       "choices": ["flash", "eager"]})
@@ -123,6 +130,7 @@ class PlanConfig:
         _choice("offload", self.offload, OFFLOADS)
         _choice("dtype", self.dtype, tuple(DTYPE_BYTES))
         _choice("method", self.method, METHODS)
+        _choice("optimizer", self.optimizer, tuple(OPTIMIZER_STATE_BYTES))
         _choice("gpu", self.gpu, tuple(GPUS))
         _choice("attention", self.attention, ("flash", "eager"))
         _choice("lora_targets", self.lora_targets, ("all-linear", "attention"))
@@ -329,7 +337,7 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
         else:
             weights = (2 if mixed else 4) * n_params + trainable * a
     grads = (2 if mixed else 4) * trainable
-    optimizer = (12 if mixed else 8) * trainable
+    optimizer = ((4 if mixed else 0) + OPTIMIZER_STATE_BYTES[pc.optimizer]) * trainable
     N = pc.gpus
     shard = {"weights": N if pc.zero >= 3 else 1, "gradients": N if pc.zero >= 2 else 1,
              "optimizer": N if pc.zero >= 1 else 1}

@@ -122,3 +122,24 @@ def test_cli_json_and_table(capsys):
     assert "DOES NOT FIT" in text and "would fit" in text
     assert main(["plan", "--model", "tiny", "--zero", "7"]) == 2
     assert "--zero" in capsys.readouterr().err
+
+
+def test_eight_bit_adamw_states_counted_as_measured():
+    """The planner's 8-bit AdamW state bytes equal those AdamW8bit really holds (within block padding)."""
+    import torch
+
+    from llmkit.config import ModelConfig
+    from llmkit.model import Transformer
+    from llmkit.plan import GB, PlanConfig, plan
+    from llmkit.train.optim import AdamW8bit, optimizer_state_bytes
+
+    model = Transformer(ModelConfig.from_preset("shakespeare"))
+    opt = AdamW8bit(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 100, (1, 8))).sum().backward()
+    opt.step()
+    measured = optimizer_state_bytes(opt)
+    p8 = plan(PlanConfig(model="shakespeare", dtype="fp32", optimizer="adamw8bit"), suggestions=False)
+    p32 = plan(PlanConfig(model="shakespeare", dtype="fp32", optimizer="adamw"), suggestions=False)
+    predicted = p8["memory_gb"]["optimizer"] * GB
+    assert abs(predicted - measured) / measured < 0.02
+    assert p8["memory_gb"]["optimizer"] < 0.26 * p32["memory_gb"]["optimizer"]
