@@ -2,7 +2,6 @@
 endpoint, a tiny local model, the semantic cache, and grounding for the server."""
 
 import json
-import os
 import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,18 +34,6 @@ DOCS = [
 ]
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread_per_xdist_worker():
-    """Under pytest-xdist the workers share the cores; with one torch thread each, small batches (one query)
-    take milliseconds instead of waiting on busy cores for every op."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def hash_vectors(texts, dim=64):
     out = np.zeros((len(texts), dim), dtype=np.float32)

@@ -1,7 +1,6 @@
 """`llmkit rag index|search|ask|eval` end to end, and bad input: one line on stderr, exit 2, no index left."""
 
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,18 +18,6 @@ DOCS = {
 }
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread_per_xdist_worker():
-    """Under pytest-xdist the workers share the cores; with one torch thread each, small batches (one query)
-    take milliseconds instead of waiting on busy cores for every op."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 class Scripted(BaseHTTPRequestHandler):
     def log_message(self, *args):

@@ -2,7 +2,6 @@
 no partial index after an error, MMR, re-ranking, and llmkit's own embeddings."""
 
 import json
-import os
 import subprocess
 import sys
 import zlib
@@ -41,18 +40,6 @@ FACTS = {
 }
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread_per_xdist_worker():
-    """Under pytest-xdist the workers share the cores; with one torch thread each, small batches (one query)
-    take milliseconds instead of waiting on busy cores for every op."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def corpus(tmp_path: Path, skip=(), change=None) -> list[Document]:
     d = tmp_path / "corpus"
