@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import tempfile
-import time
 import traceback
 
 import torch
@@ -35,7 +34,7 @@ from llmkit.config import ModelConfig
 from llmkit.model import Transformer
 from llmkit.train.objectives import lm_loss
 from llmkit.train.optim import build_optimizer
-from pretrain_gpu import PeakRSS, log  # the sibling benchmark's helpers (this directory is on sys.path)
+from pretrain_gpu import log, time_steps  # the sibling benchmark's helpers (this directory is on sys.path)
 
 VARIANTS = ("llmkit-lora", "llmkit-qlora", "hf-lora", "hf-qlora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -88,21 +87,7 @@ def run(name: str, path: str, batch, args, device: torch.device) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        with PeakRSS() as rss:
-            loss0 = step().item()
-            for _ in range(args.warmup - 1):
-                step()
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            if cuda:
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else rss.gib
+        loss0, elapsed, peak = time_steps(step, args.warmup, args.steps, device)
         return {"tokens_per_s": round(args.batch * args.seq_len * args.steps / elapsed, 1),
                 "step_ms": round(1000 * elapsed / args.steps, 2),
                 "peak_mem_gib": None if peak is None else round(peak, 3),

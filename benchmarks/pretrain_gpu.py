@@ -105,6 +105,27 @@ def build_variant(name: str, base: Transformer, path: str, device: torch.device)
     return model, fwd
 
 
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float, float | None]:
+    """(step-0 loss, seconds for `steps` timed steps after `warmup` untimed ones, peak memory GiB)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        loss0 = step().item()  # same weights and batch for every variant: losses must agree here
+        for _ in range(warmup - 1):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else rss.gib
+    return loss0, elapsed, peak
+
+
 def run_variant(name, base, path, batch, args, device, amp_dtype) -> dict:
     model, fwd = build_variant(name, base, path, device)
     opt = build_optimizer(model, "adamw", lr=1e-4)
@@ -122,23 +143,9 @@ def run_variant(name, base, path, batch, args, device, amp_dtype) -> dict:
         return loss
 
     try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        with PeakRSS() as rss:
-            loss0 = step().item()  # same weights and batch for every variant: losses must agree here
-            for _ in range(args.warmup - 1):
-                step()
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            if cuda:
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start
+        loss0, elapsed, peak = time_steps(step, args.warmup, args.steps, device)
         tok_s = args.batch * args.seq_len * args.steps / elapsed
         util = mfu(base.config, args.seq_len, tok_s, device, 1)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else rss.gib
         return {"tokens_per_s": round(tok_s, 1), "mfu": None if util is None else round(util, 4),
                 "peak_mem_gib": None if peak is None else round(peak, 3),
                 "step_ms": round(1000 * elapsed / args.steps, 2), "loss_step0": round(loss0, 6)}
