@@ -343,6 +343,7 @@ class Backbone(nn.Module):
         inputs_embeds: Tensor | None = None,
         prefix_kv: list[tuple[Tensor, Tensor]] | None = None,
         segment_ids: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         cfg = self.config
         B, T = inputs_embeds.shape[:2] if inputs_embeds is not None else input_ids.shape
@@ -351,24 +352,29 @@ class Backbone(nn.Module):
         if not cached:
             slots = torch.arange(T, device=device)
         if position_ids is None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask needs position_ids: with a mask of its own, the caller knows the positions")
             position_ids = _positions(attention_mask, slots, B)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)
 
-        S = (kv_len if kv_len is not None else self._cache_len()) if cached else T
         if isinstance(prefix_len, int):
             prefix_len = torch.full((B,), prefix_len, device=device)
-        mask, is_causal = None, False
-        plain = (attention_mask is None and prefix_len is None and self._alibi is None and cfg.sliding_window is None
-                 and segment_ids is None and prefix_kv is None)
-        if plain and T == S and (not cached or kv_len is not None):
-            is_causal = T > 1  # keys are exactly slots 0..T-1: SDPA's own causal kernel
-        elif plain and T == 1 and kv_len is not None:
-            pass  # one query over the filled slots: it may see them all
+        if attn_mask is not None:
+            mask, is_causal = self._given_mask(attn_mask, position_ids, x.dtype), False
         else:
-            mask = build_mask(cfg, slots, S, attention_mask, prefix_len, self._alibi, x.dtype, segment_ids)
+            S = (kv_len if kv_len is not None else self._cache_len()) if cached else T
+            mask, is_causal = None, False
+            plain = (attention_mask is None and prefix_len is None and self._alibi is None
+                     and cfg.sliding_window is None and segment_ids is None and prefix_kv is None)
+            if plain and T == S and (not cached or kv_len is not None):
+                is_causal = T > 1  # keys are exactly slots 0..T-1: SDPA's own causal kernel
+            elif plain and T == 1 and kv_len is not None:
+                pass  # one query over the filled slots: it may see them all
+            else:
+                mask = build_mask(cfg, slots, S, attention_mask, prefix_len, self._alibi, x.dtype, segment_ids)
         if prefix_kv is not None:  # every query sees the P prefix keys: P leading always-on mask columns
             P = prefix_kv[0][0].shape[2]
             visible = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
@@ -383,6 +389,23 @@ class Backbone(nn.Module):
             else:
                 x = layer(x, ctx)
         return self.norm(x) if cfg.norm_placement == "pre" else x
+
+    def _given_mask(self, attn_mask: Tensor, position_ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """A caller's mask as SDPA takes it: bool [B,1,T,S] (True = may attend) or an additive float mask.
+
+        Under ALiBi a bool mask gets the distance bias, taking key slot j to hold position j (true of a
+        row's own cache; a caller with another layout, such as a token tree, passes a float mask instead).
+        """
+        if attn_mask.dim() != 4 or attn_mask.shape[-2] != position_ids.shape[-1]:
+            raise ValueError(f"attn_mask must be [batch, 1, {position_ids.shape[-1]}, keys], got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype != torch.bool:
+            return attn_mask.to(dtype)
+        if self._alibi is None:
+            return attn_mask
+        k_pos = torch.arange(attn_mask.shape[-1], device=attn_mask.device)
+        distance = (position_ids[:, None, :, None] - k_pos).abs().to(torch.float32)  # [B,1,T,S]
+        bias = -self._alibi.to(attn_mask.device).view(1, -1, 1, 1) * distance
+        return torch.where(attn_mask, bias, float("-inf")).to(dtype)
 
     def _cache_len(self) -> int:
         cache = self.layers[0].self_attn.kv_cache
@@ -450,6 +473,7 @@ class Transformer(nn.Module):
         inputs_embeds: Tensor | None = None,
         prefix_kv: list[tuple[Tensor, Tensor]] | None = None,
         segment_ids: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits [B,T,V].
 
@@ -463,6 +487,9 @@ class Transformer(nn.Module):
             (prefix tuning); they are used as given (no rotary), as a cache of P entries is.
         segment_ids: [B,T] example number of each token of a packed row (0 = padding): attention stays
             inside a segment; pass position_ids restarting at 0 per segment with it.
+        attn_mask: a ready mask [B,1,T,S] over the keys the cache returns (bool, True = may attend, or
+            additive float), replacing the one built from the arguments above; needs position_ids.
+            For callers with their own layout: token trees (Medusa), paged caches (the engine).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -474,7 +501,8 @@ class Transformer(nn.Module):
         if slots is not None and (prefix_kv is not None or segment_ids is not None):
             raise ValueError("prefix_kv and segment_ids are for training passes; they do not combine with a KV cache")
         hidden = self.model(input_ids, attention_mask, position_ids, prefix_len, slots, kv_len,
-                            inputs_embeds=inputs_embeds, prefix_kv=prefix_kv, segment_ids=segment_ids)
+                            inputs_embeds=inputs_embeds, prefix_kv=prefix_kv, segment_ids=segment_ids,
+                            attn_mask=attn_mask)
         return self.lm_head(hidden)
 
     # -- caches

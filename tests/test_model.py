@@ -72,6 +72,35 @@ def test_left_padding_does_not_change_a_row(name):
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "alibi", "relu-learned", "mqa"])
+def test_given_mask_with_cache_equals_full_forward(name):
+    """A caller's own bool mask and positions (as a token tree or a paged cache passes) give the built mask's logits."""
+    model = build(name)
+    ids = torch.randint(0, 128, (2, 12))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(2, 16)
+        head = model(ids[:, :9], slots=torch.arange(9), position_ids=torch.arange(9).expand(2, -1),
+                     attn_mask=causal[:9, :9].expand(2, 1, 9, 9).contiguous(), kv_len=9)
+        # three new tokens over all 16 slots: the unwritten ones masked out by the caller
+        allowed = torch.zeros(2, 1, 3, 16, dtype=torch.bool)
+        allowed[..., :12] = causal[9:12]
+        tail = model(ids[:, 9:], slots=torch.arange(9, 12), position_ids=torch.arange(9, 12).expand(2, -1),
+                     attn_mask=allowed)
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat([head, tail], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_given_mask_needs_positions_and_its_shape():
+    model = build("llama")
+    with pytest.raises(ValueError, match="position_ids"):
+        model(torch.zeros(1, 3, dtype=torch.long), attn_mask=torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        model(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.arange(3)[None],
+              attn_mask=torch.ones(1, 3, 3, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_save_load_round_trip(name, tmp_path):
     model = build(name)
