@@ -99,3 +99,19 @@ def test_bad_generation_settings():
         generate(model, [[1]], GenerationConfig(sampling=SamplingParams(top_p=0.0)))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], GenerationConfig())
+
+
+def test_logits_processors_see_the_generated_ids_and_steer_the_choice(model):
+    seen = []
+
+    def only_even_then_odd(generated, logits):
+        seen.append(generated.clone())
+        banned = torch.zeros_like(logits, dtype=torch.bool)
+        banned[:, (generated.shape[1] % 2)::2] = True  # even ids on even steps, odd on odd steps
+        return logits.masked_fill(~banned, float("-inf"))
+
+    gen = GenerationConfig(max_new_tokens=6, logits_processors=(only_even_then_odd,))
+    out = generate(model, [[1, 2, 3], [4, 5]], gen)
+    assert all(tok % 2 == step % 2 for row in out for step, tok in enumerate(row))
+    assert [g.shape for g in seen] == [torch.Size([2, n]) for n in range(6)]
+    assert seen[-1].tolist() == [row[:5] for row in out]

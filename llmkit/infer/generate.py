@@ -7,7 +7,8 @@ The compiled, continuous-batching engine lives in infer/engine.py; this is the p
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first one
     use_cache: bool = True
+    # each called as proc(generated [B, n] ids so far, logits [B, V]) -> logits before sampling, in order:
+    # constrained decoding masks tokens here (llmkit.prompting), so the sampler never sees a banned one
+    logits_processors: tuple[Callable[[Tensor, Tensor], Tensor], ...] = ()
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -74,7 +78,7 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
     # when something reads it, and slot ids are views of one arange instead of new tensors.
     plain_greedy = gen.sampling.greedy and gen.sampling.repetition_penalty == 1.0
     track_eos = bool(gen.eos_token_ids)
-    keep_history = not gen.use_cache or gen.sampling.repetition_penalty != 1.0
+    keep_history = not gen.use_cache or gen.sampling.repetition_penalty != 1.0 or bool(gen.logits_processors)
     slots = torch.arange(total, device=device)
     if gen.use_cache:
         model.setup_cache(B, total)
@@ -85,6 +89,8 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
         for step in range(gen.max_new_tokens):
             if not gen.use_cache:
                 logits = model(all_ids[:, :t], full_mask[:, :t] if padded else None, prefix_len=prefix_len)[:, -1]
+            for proc in gen.logits_processors:
+                logits = proc(all_ids[:, T0:t], logits)
             if plain_greedy:
                 token = logits.argmax(dim=-1)
             else:
@@ -156,7 +162,7 @@ def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], gen:
     """Text deltas of one completion; concatenated they equal `generate_text` of the same prompt."""
     gen = gen or GenerationConfig()
     if not gen.eos_token_ids and tokenizer.eos_id is not None:
-        gen = GenerationConfig(gen.max_new_tokens, gen.sampling, (tokenizer.eos_id,), gen.stop, gen.use_cache)
+        gen = dataclasses.replace(gen, eos_token_ids=(tokenizer.eos_id,))
     ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if isinstance(prompt, str) else list(prompt)
     decoder = StreamDecoder(tokenizer.decode, skip_special_tokens=True)
     stops = StopMatcher(gen.stop)
@@ -183,7 +189,7 @@ def generate_text(model: Transformer, tokenizer, prompts: Sequence[str], gen: Ge
     """Completions of a batch of prompts (decoded, cut at EOS and at the first stop string)."""
     gen = gen or GenerationConfig()
     eos_ids = gen.eos_token_ids or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
-    gen = GenerationConfig(gen.max_new_tokens, gen.sampling, eos_ids, gen.stop, gen.use_cache)
+    gen = dataclasses.replace(gen, eos_token_ids=eos_ids)
     encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     texts = []
