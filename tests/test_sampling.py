@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
 
 from llmkit.infer.sampling import (
     SamplingParams,
+    apply_presence_frequency_penalty,
     apply_repetition_penalty,
     make_generator,
     probs,
@@ -88,6 +89,19 @@ def test_repetition_penalty_counts_each_id_once_and_ignores_padding():
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
 
 
+def test_presence_and_frequency_penalties_follow_openai_formula():
+    logits = torch.randn(2, 6)
+    generated = torch.tensor([[1, 1, 1, 4], [0, -1, -1, -1]])
+    out = apply_presence_frequency_penalty(logits, generated, presence=0.5, frequency=0.25)
+    expected = logits.clone()
+    for row, ids in enumerate(generated.tolist()):  # naive: the formula of OpenAI's API reference
+        for tok in set(i for i in ids if i >= 0):
+            expected[row, tok] -= 0.5 + 0.25 * ids.count(tok)
+    torch.testing.assert_close(out, expected)
+    params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
+    assert sample(logits, params, generated_ids=generated).tolist() == expected.argmax(-1).tolist()
+
+
 def test_dtype_and_no_context():
     logits = torch.randn(B, 100).bfloat16()
     params = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2)
@@ -153,6 +167,8 @@ def test_sample_compiles_without_graph_breaks():
         ("min_p", 1.5),
         ("repetition_penalty", 0.0),
         ("seed", "7"),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3.0),
     ],
 )
 def test_validate_names_the_bad_field(field, value):

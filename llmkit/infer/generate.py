@@ -76,9 +76,11 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
     # plain greedy is one argmax (sample() takes 5 ops to return the same token), EOS bookkeeping
     # (3 ops and a host sync) runs only when there is an EOS, the token history is written only
     # when something reads it, and slot ids are views of one arange instead of new tensors.
-    plain_greedy = gen.sampling.greedy and gen.sampling.repetition_penalty == 1.0
+    sp = gen.sampling
+    penalised = sp.repetition_penalty != 1.0 or bool(sp.presence_penalty or sp.frequency_penalty)
+    plain_greedy = sp.greedy and not penalised
     track_eos = bool(gen.eos_token_ids)
-    keep_history = not gen.use_cache or gen.sampling.repetition_penalty != 1.0 or bool(gen.logits_processors)
+    keep_history = not gen.use_cache or penalised or bool(gen.logits_processors)
     slots = torch.arange(total, device=device)
     if gen.use_cache:
         model.setup_cache(B, total)
@@ -94,7 +96,7 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
             if plain_greedy:
                 token = logits.argmax(dim=-1)
             else:
-                token = sample(logits.float(), gen.sampling, all_ids[:, :t], generator)
+                token = sample(logits.float(), sp, all_ids[:, :t], generator, all_ids[:, T0:t])
             if track_eos:
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 done |= torch.isin(token, eos)

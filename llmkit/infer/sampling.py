@@ -21,6 +21,9 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens with prob < min_p * max prob (after temperature); 0 = off
     repetition_penalty: float = 1.0  # CTRL-style, over token ids present in the context; 1.0 = off
     seed: int | None = None  # seeds the generator of a whole generation (make_generator), not each step
+    # OpenAI's penalties over the tokens generated so far: logit - presence * [count > 0] - frequency * count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed range."""
@@ -31,6 +34,8 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1] (0 means off)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 means off)"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2] (0 means off)"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2] (0 means off)"),
         )
         # Written as "not ok" rather than a negated comparison so NaN fails every check.
         for name, ok, allowed in checks:
@@ -63,8 +68,23 @@ def apply_repetition_penalty(logits: Tensor, context_ids: Tensor, penalty: float
     return torch.where(present, penalised, logits)
 
 
-def process_logits(logits: Tensor, params: SamplingParams, context_ids: Tensor | None = None) -> Tensor:
+def apply_presence_frequency_penalty(logits: Tensor, generated_ids: Tensor, presence: float,
+                                     frequency: float) -> Tensor:
+    """OpenAI's penalties: subtract presence * [id generated] + frequency * (times generated); -1 pads rows."""
+    B, V = logits.shape
+    ids = torch.where((generated_ids >= 0) & (generated_ids < V), generated_ids, V)
+    counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    counts = counts[:, :V]
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
+def process_logits(logits: Tensor, params: SamplingParams, context_ids: Tensor | None = None,
+                   generated_ids: Tensor | None = None) -> Tensor:
     """Float32 logits [B, V] of the distribution `sample` draws from; filtered tokens are -inf.
+
+    context_ids [B, T] (prompt and generated tokens) feed the repetition penalty; generated_ids
+    [B, n] (generated tokens only) feed OpenAI's presence and frequency penalties, applied next.
 
     Order as in transformers 5.23 `GenerationMixin._get_logits_processor`: the repetition
     penalty (a processor, applied in greedy decoding too), then the sampling-only warpers
@@ -73,6 +93,9 @@ def process_logits(logits: Tensor, params: SamplingParams, context_ids: Tensor |
     logits = logits.float()  # generate() upcasts next-token logits too; top-p's cumsum needs it
     if params.repetition_penalty != 1.0 and context_ids is not None:
         logits = apply_repetition_penalty(logits, context_ids, params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated_ids is not None:
+        logits = apply_presence_frequency_penalty(logits, generated_ids, params.presence_penalty,
+                                                  params.frequency_penalty)
     if params.greedy:
         return _keep_argmax(logits)
     if params.temperature != 1.0:
@@ -86,9 +109,10 @@ def process_logits(logits: Tensor, params: SamplingParams, context_ids: Tensor |
     return logits
 
 
-def probs(logits: Tensor, params: SamplingParams, context_ids: Tensor | None = None) -> Tensor:
+def probs(logits: Tensor, params: SamplingParams, context_ids: Tensor | None = None,
+          generated_ids: Tensor | None = None) -> Tensor:
     """Float32 probabilities [B, V] that `sample` draws from."""
-    return process_logits(logits, params, context_ids).softmax(dim=-1)
+    return process_logits(logits, params, context_ids, generated_ids).softmax(dim=-1)
 
 
 def sample(
@@ -96,12 +120,13 @@ def sample(
     params: SamplingParams,
     context_ids: Tensor | None = None,
     generator: torch.Generator | None = None,
+    generated_ids: Tensor | None = None,
 ) -> Tensor:
     """Draw one token id per row of `logits` [B, V]; returns [B] int64.
 
     `generator` must live on the logits' device; pass the same one every step for a reproducible run.
     """
-    processed = process_logits(logits, params, context_ids)
+    processed = process_logits(logits, params, context_ids, generated_ids)
     if params.greedy:
         return processed.argmax(dim=-1)
     p = processed.softmax(dim=-1)
