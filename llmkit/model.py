@@ -516,10 +516,16 @@ class Transformer(nn.Module):
         max_len = 8 * math.ceil(max_len / 8)
         p = self.lm_head.weight
         cfg = self.config
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(
-                batch_size, max_len, cfg.n_kv_head, cfg.head_dim, dtype or p.dtype, device or p.device
-            )
+        self.attach_caches([
+            KVCache(batch_size, max_len, cfg.n_kv_head, cfg.head_dim, dtype or p.dtype, device or p.device)
+            for _ in self.model.layers
+        ])
+
+    def attach_caches(self, caches: list[nn.Module]) -> None:
+        """Install one KV cache per layer, any module with `update(slots, k, v) -> (keys, values)`
+        (the static `KVCache`, the engine's paged cache); stacks small projections as `setup_cache` says."""
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            layer.self_attn.kv_cache = cache
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv_stacked = _stack_linears(attn.q_proj, attn.k_proj, attn.v_proj)
             if mlp.gated:

@@ -1,0 +1,192 @@
+"""The continuous-batching engine: same tokens as the plain path, whatever a request is batched with."""
+
+import threading
+
+import pytest
+import torch
+
+from llmkit.config import ModelConfig
+from llmkit.infer.engine import Engine, QueueFull, RequestOptions, TokenEvent
+from llmkit.infer.generate import GenerationConfig, generate
+from llmkit.infer.sampling import SamplingParams
+from llmkit.model import Transformer
+
+BASE = dict(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=128)
+PROMPTS = [[5, 9, 3], [7] * 11, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [42]]
+
+
+def build(**fields) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**BASE, **fields})).eval()
+
+
+def alone(model, prompt, n, sampling=SamplingParams(temperature=0.0), eos=()):
+    return generate(model, [prompt], GenerationConfig(max_new_tokens=n, sampling=sampling, eos_token_ids=eos))[0]
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(position="alibi"), dict(sliding_window=6),
+                                    dict(position="learned"), dict(mask="prefix"), dict(n_kv_head=1)],
+                         ids=["llama-gqa", "alibi", "sliding-window", "learned", "prefix-lm", "mqa"])
+def test_batched_greedy_equals_each_request_alone(fields):
+    model = build(**fields)
+    expected = [alone(model, p, 20) for p in PROMPTS]
+    engine = Engine(model, block_size=4)
+    assert engine.generate(PROMPTS, RequestOptions(max_new_tokens=20)) == expected
+    assert engine.stats().kv_blocks_used == 0  # every block came back
+
+
+def test_preemption_under_a_small_pool_keeps_outputs():
+    model = build()
+    expected = [alone(model, p, 24) for p in PROMPTS]
+    engine = Engine(model, block_size=4, num_blocks=14, max_batch_size=4)  # far less than 4 x 41 tokens
+    assert engine.generate(PROMPTS, RequestOptions(max_new_tokens=24)) == expected
+    assert engine.stats().preemptions_total > 0 and engine.stats().kv_blocks_used == 0
+
+
+def test_requests_join_and_leave_between_steps():
+    model = build()
+    engine = Engine(model, block_size=4)
+    out: dict[str, list[int]] = {}
+
+    def collect(e: TokenEvent):
+        if e.token_id is not None:
+            out.setdefault(e.request_id, []).append(e.token_id)
+
+    short = engine.submit(PROMPTS[0], RequestOptions(max_new_tokens=3), collect)
+    long = engine.submit(PROMPTS[1], RequestOptions(max_new_tokens=15), collect)
+    for _ in range(5):
+        engine.step()
+    assert engine.stats().running == 1  # the short one left after 3 tokens
+    late = engine.submit(PROMPTS[2], RequestOptions(max_new_tokens=10), collect)
+    while engine.step():
+        pass
+    assert out[short] == alone(model, PROMPTS[0], 3)
+    assert out[long] == alone(model, PROMPTS[1], 15)
+    assert out[late] == alone(model, PROMPTS[2], 10)
+
+
+def test_per_request_sampling_matches_the_plain_seeded_path():
+    model = build()
+    hot = SamplingParams(temperature=1.3, top_k=20, seed=7)
+    nucleus = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=3)
+    penalised = SamplingParams(temperature=0.0, presence_penalty=1.0, frequency_penalty=0.5)
+    engine = Engine(model, block_size=8)
+    events: dict[str, list[int]] = {}
+    ids = [engine.submit(PROMPTS[i], RequestOptions(max_new_tokens=12, sampling=s),
+                         lambda e: events.setdefault(e.request_id, []).append(e.token_id))
+           for i, s in enumerate([hot, nucleus, penalised])]
+    while engine.step():
+        pass
+    for i, (rid, s) in enumerate(zip(ids, [hot, nucleus, penalised])):
+        assert events[rid] == alone(model, PROMPTS[i], 12, s)
+
+
+def test_events_stream_tokens_then_finish_reasons():
+    model = build()
+    first = alone(model, PROMPTS[0], 6)
+    eos = first[3]
+    engine = Engine(model)
+    events: list[TokenEvent] = []
+    engine.submit(PROMPTS[0], RequestOptions(max_new_tokens=6, eos_token_ids=(eos,)), events.append)
+    engine.submit(PROMPTS[3], RequestOptions(max_new_tokens=2), events.append)
+    while engine.step():
+        pass
+    by_req = {}
+    for e in events:
+        by_req.setdefault(e.request_id, []).append(e)
+    stopped, capped = by_req.values()
+    assert [e.token_id for e in stopped] == first[: first.index(eos) + 1]
+    assert [e.finish_reason for e in stopped] == [None] * first.index(eos) + ["stop"]
+    assert [e.finish_reason for e in capped] == [None, "length"]
+    assert [e.completion_tokens for e in capped] == [1, 2] and capped[0].prompt_tokens == 1
+
+
+def test_logprobs_are_the_models_log_softmax():
+    model = build()
+    engine = Engine(model)
+    events: list[TokenEvent] = []
+    engine.submit(PROMPTS[0], RequestOptions(max_new_tokens=4, logprobs=3), events.append)
+    while engine.step():
+        pass
+    tokens = [e.token_id for e in events]
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([PROMPTS[0] + tokens]))[0].float(), -1)
+    for k, e in enumerate(events):
+        row = full[len(PROMPTS[0]) - 1 + k]
+        assert e.logprob == pytest.approx(float(row[e.token_id]), abs=1e-4)
+        values, ids = row.topk(3)
+        assert [t for t, _ in e.top_logprobs] == ids.tolist()
+        assert [v for _, v in e.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_logits_processor_steers_one_request_only():
+    model = build()
+    engine = Engine(model)
+
+    def odd_only(generated, logits):
+        assert generated.shape[0] == 1 and logits.shape == (1, 96)
+        return logits.masked_fill(torch.arange(96) % 2 == 0, float("-inf"))
+
+    steered, plain = engine.generate([PROMPTS[0]], RequestOptions(max_new_tokens=8, logits_processor=odd_only))[0], \
+        engine.generate([PROMPTS[0]], RequestOptions(max_new_tokens=8))[0]
+    assert all(t % 2 == 1 for t in steered) and plain == alone(model, PROMPTS[0], 8)
+
+
+def test_cancel_frees_blocks_and_reports():
+    model = build()
+    engine = Engine(model, block_size=4)
+    events: list[TokenEvent] = []
+    rid = engine.submit(PROMPTS[2], RequestOptions(max_new_tokens=50), events.append)
+    queued = engine.submit(PROMPTS[0], RequestOptions(max_new_tokens=5), events.append)
+    engine.step()
+    engine.cancel(rid)
+    engine.cancel(queued)
+    assert not engine.step()
+    finals = [e for e in events if e.finish_reason]
+    assert {(e.request_id, e.finish_reason, e.token_id) for e in finals} == {(rid, "cancelled", None),
+                                                                             (queued, "cancelled", None)}
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_full_queue_rejects_with_retry_after_and_bad_requests_are_named():
+    engine = Engine(build(), max_waiting=2)
+    for _ in range(2):
+        engine.submit([1, 2], RequestOptions(max_new_tokens=2), lambda e: None)
+    with pytest.raises(QueueFull) as full:
+        engine.submit([1, 2], RequestOptions(max_new_tokens=2), lambda e: None)
+    assert full.value.retry_after > 0
+    for prompt, opts, msg in [([], RequestOptions(), "empty"), ([1] * 100, RequestOptions(max_new_tokens=40), "context"),
+                              ([1], RequestOptions(max_new_tokens=0), "max_new_tokens"),
+                              ([1], RequestOptions(logprobs=21), "logprobs"),
+                              ([500], RequestOptions(max_new_tokens=2), "token ids"),
+                              ([1], RequestOptions(sampling=SamplingParams(top_p=0)), "top_p")]:
+        with pytest.raises(ValueError, match=msg):
+            engine.submit(prompt, opts, lambda e: None)
+
+
+def test_background_thread_serves_concurrent_submitters():
+    model = build()
+    engine = Engine(model, max_batch_size=3, block_size=4)
+    engine.start()
+    results, done = {}, threading.Barrier(len(PROMPTS) + 1)
+
+    def client(i):
+        got, finished = [], threading.Event()
+
+        def on_event(e):
+            if e.token_id is not None:
+                got.append(e.token_id)
+            if e.finish_reason:
+                finished.set()
+
+        engine.submit(PROMPTS[i], RequestOptions(max_new_tokens=10), on_event)
+        finished.wait(30)
+        results[i] = got
+        done.wait()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    done.wait()
+    engine.close()
+    assert results == {i: alone(model, p, 10) for i, p in enumerate(PROMPTS)}
