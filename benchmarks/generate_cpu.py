@@ -3,7 +3,9 @@
     python benchmarks/generate_cpu.py                      # both shapes, 7 repeats, 128 new tokens
     python benchmarks/generate_cpu.py --shapes tiny --repeats 9 --new-tokens 64
 
-Batch 1, a 32-token prompt, greedy decoding, fp32, torch's default thread count. Each shape's
+Batch 1, a 32-token prompt, greedy decoding, fp32, torch's default thread count. llmkit runs
+its fast path (`GenerationConfig(compile=True)`: a compiled static-cache decode step, see
+llmkit/infer/fast.py; compiled during the warm-up) and, for reference, the eager path. Each shape's
 llmkit model is built with a fixed seed, saved with `llmkit.save`, and loaded back by
 `transformers.AutoModelForCausalLM.from_pretrained` with transformers' default attention
 implementation (printed to stderr; "sdpa" in transformers 5) and its default DynamicCache.
@@ -67,8 +69,8 @@ def build_models(shape: str, new_tokens: int, workdir: str):
     return model, hf
 
 
-def llmkit_run(model: Transformer, prompt: list[int], new_tokens: int) -> list[int]:
-    return generate(model, [prompt], GenerationConfig(max_new_tokens=new_tokens, use_cache=True))[0]
+def llmkit_run(model: Transformer, prompt: list[int], new_tokens: int, compile: bool = True) -> list[int]:
+    return generate(model, [prompt], GenerationConfig(max_new_tokens=new_tokens, compile=compile))[0]
 
 
 @torch.inference_mode()
@@ -103,36 +105,34 @@ def bench_shape(shape: str, repeats: int, new_tokens: int, workdir: str) -> dict
     model, hf = build_models(shape, new_tokens, workdir)
     g = torch.Generator().manual_seed(SEED + 1)
     prompt = torch.randint(1, model.config.vocab_size, (PROMPT_LEN,), generator=g).tolist()
-
-    ours = llmkit_run(model, prompt, new_tokens)  # warm-up, and the tokens to compare
-    theirs = hf_run(hf, prompt, new_tokens)
-    match = ours == theirs
+    runners = {  # name -> one whole generation; "llmkit" is the fast (compiled) path
+        "llmkit": lambda: llmkit_run(model, prompt, new_tokens),
+        "llmkit_eager": lambda: llmkit_run(model, prompt, new_tokens, compile=False),
+        "hf": lambda: hf_run(hf, prompt, new_tokens),
+    }
+    outputs = {name: run() for name, run in runners.items()}  # warm-up (compiles), and the tokens to compare
+    match = len({tuple(o) for o in outputs.values()}) == 1
     if not match:
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        log(f"[{shape}] WARNING: greedy tokens differ from step {first} on")
+        log(f"[{shape}] WARNING: greedy tokens differ between {list(outputs)}")
 
     with_bound = shape == "small"
     if with_bound:
         one_pass = matvec_pass(model)
         for _ in range(5):
             one_pass()
-    passes = 50  # ~0.3 s of matvecs for the small shape
-    t_ours, t_theirs, t_pass = [], [], []
-    for r in range(repeats):  # interleaved, so that drift in machine load hits all three alike
-        t_ours.append(timed(lambda: llmkit_run(model, prompt, new_tokens)))
-        t_theirs.append(timed(lambda: hf_run(hf, prompt, new_tokens)))
-        msg = f"llmkit {new_tokens / t_ours[-1]:.1f} tok/s, transformers {new_tokens / t_theirs[-1]:.1f} tok/s"
-        if with_bound:
-            t_pass.append(timed(lambda: [one_pass() for _ in range(passes)]) / passes)
-            msg += f", bound {1 / t_pass[-1]:.1f} tok/s"
-        log(f"[{shape}] repeat {r + 1}/{repeats}: {msg}")
-    ours_tok_s = new_tokens / statistics.median(t_ours)
-    hf_tok_s = new_tokens / statistics.median(t_theirs)
-    result = {"llmkit_tok_s": round(ours_tok_s, 1), "hf_tok_s": round(hf_tok_s, 1),
-              "ratio": round(ours_tok_s / hf_tok_s, 3), "tokens_match": match}
+        passes = 50  # ~0.3 s of matvecs for the small shape
+        runners["bound"] = lambda: [one_pass() for _ in range(passes)]
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(repeats):  # interleaved, so that drift in machine load hits all of them alike
+        for name, run in runners.items():
+            times[name].append(timed(run))
+        log(f"[{shape}] repeat {r + 1}/{repeats}: " + ", ".join(
+            f"{name} {(passes if name == 'bound' else new_tokens) / t[-1]:.1f} tok/s" for name, t in times.items()))
+    rate = {name: (passes if name == "bound" else new_tokens) / statistics.median(t) for name, t in times.items()}
+    result = {"llmkit_tok_s": round(rate["llmkit"], 1), "llmkit_eager_tok_s": round(rate["llmkit_eager"], 1),
+              "hf_tok_s": round(rate["hf"], 1), "ratio": round(rate["llmkit"] / rate["hf"], 3), "tokens_match": match}
     if with_bound:
-        bound = 1 / statistics.median(t_pass)
-        result.update(bound_tok_s=round(bound, 1), fraction_of_bound=round(ours_tok_s / bound, 3))
+        result.update(bound_tok_s=round(rate["bound"], 1), fraction_of_bound=round(rate["llmkit"] / rate["bound"], 3))
     log(f"[{shape}] {result}")
     return result
 

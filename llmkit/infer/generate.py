@@ -2,7 +2,8 @@
 
 `generate` works on token ids (batched, left-padded); `generate_text` and `stream_text`
 work on strings, stop at EOS or a stop string, and never split a UTF-8 character.
-The compiled, continuous-batching engine lives in infer/engine.py; this is the plain path.
+`GenerationConfig(compile=True)` runs the decode steps compiled (infer/fast.py); the
+continuous-batching engine for many concurrent requests lives in infer/engine.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from llmkit.infer.detokenize import StreamDecoder
+from llmkit.infer.fast import compiled_decoder
 from llmkit.infer.sampling import SamplingParams, make_generator, sample
 from llmkit.model import Transformer
 
@@ -29,6 +31,8 @@ class GenerationConfig:
     # each called as proc(generated [B, n] ids so far, logits [B, V]) -> logits before sampling, in order:
     # constrained decoding masks tokens here (llmkit.prompting), so the sampler never sees a banned one
     logits_processors: tuple[Callable[[Tensor, Tensor], Tensor], ...] = ()
+    # decode steps through torch.compile (a CUDA graph on GPU): infer/fast.py; the first call compiles
+    compile: bool = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -82,21 +86,41 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
     track_eos = bool(gen.eos_token_ids)
     keep_history = not gen.use_cache or penalised or bool(gen.logits_processors)
     slots = torch.arange(total, device=device)
-    if gen.use_cache:
+    compiled = gen.compile and gen.use_cache
+    # compiled plain greedy takes the argmax inside the compiled step: its steps return tokens
+    fused = compiled and plain_greedy and not gen.logits_processors
+    if compiled:
+        decoder = compiled_decoder(model)
+        L = decoder.attach(B, total)
+        step_mask = torch.cat([full_mask, full_mask.new_ones(B, L - total)], 1) if padded else None
+        step_prefix = torch.full((B,), T0, device=device) if prefix_len is not None else None
+    elif gen.use_cache:
         model.setup_cache(B, total)
+
+    def advance(token: Tensor, t: int) -> Tensor:
+        """Feed the token at position t - 1: the next logits [B, V] (or, fused, the next token [B])."""
+        if compiled:
+            return decoder.step(token[:, None], slots[t - 1:t], step_mask, step_prefix, greedy=fused)
+        return model(token[:, None], full_mask[:, :t] if padded else None, prefix_len=prefix_len,
+                     slots=slots[t - 1:t], kv_len=t)[:, -1]
+
     try:
         t = T0
         if gen.use_cache:
-            logits = model(ids, mask if padded else None, prefix_len=prefix_len, slots=slots[:T0], kv_len=T0)[:, -1]
+            out = model(ids, mask if padded else None, prefix_len=prefix_len, slots=slots[:T0], kv_len=T0)[:, -1]
         for step in range(gen.max_new_tokens):
             if not gen.use_cache:
-                logits = model(all_ids[:, :t], full_mask[:, :t] if padded else None, prefix_len=prefix_len)[:, -1]
-            for proc in gen.logits_processors:
-                logits = proc(all_ids[:, T0:t], logits)
-            if plain_greedy:
-                token = logits.argmax(dim=-1)
+                out = model(all_ids[:, :t], full_mask[:, :t] if padded else None, prefix_len=prefix_len)[:, -1]
+            if fused and step > 0:
+                token = out
             else:
-                token = sample(logits.float(), sp, all_ids[:, :t], generator, all_ids[:, T0:t])
+                logits = out
+                for proc in gen.logits_processors:
+                    logits = proc(all_ids[:, T0:t], logits)
+                if plain_greedy:
+                    token = logits.argmax(dim=-1)
+                else:
+                    token = sample(logits.float(), sp, all_ids[:, :t], generator, all_ids[:, T0:t])
             if track_eos:
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 done |= torch.isin(token, eos)
@@ -107,8 +131,7 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
             if step == gen.max_new_tokens - 1 or (track_eos and bool(done.all())):
                 break
             if gen.use_cache:
-                logits = model(token[:, None], full_mask[:, :t] if padded else None, prefix_len=prefix_len,
-                               slots=slots[t - 1:t], kv_len=t)[:, -1]
+                out = advance(token, t)
     finally:
         if gen.use_cache:
             model.clear_cache()
