@@ -93,6 +93,7 @@ def _add_sampling_options(p: Parser, temperature: float) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
     p.add_argument("--seed", type=int | None, default=None, help="random seed for sampling")
     p.add_argument("--stop", type=str, nargs="*", default=[], help="stop strings (the output is cut before them)")
+    _flag(p, "--compile", help="compiled static-cache decode steps (fast path; the first reply pays the compile)")
 
 
 def generate_parser() -> Parser:
@@ -239,7 +240,7 @@ def _generation_config(args: Namespace, tokenizer):
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
     eos = [t for t in (tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")) if t is not None]
     return GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_token_ids=tuple(eos),
-                            stop=tuple(args.stop))
+                            stop=tuple(args.stop), compile=args.compile)
 
 
 # ----------------------------------------------------------------------------- entry point
