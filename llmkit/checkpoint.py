@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,18 +20,20 @@ import torch
 from torch import Tensor
 
 from llmkit.config import ConfigError, ModelConfig
-from llmkit.model import Transformer
+from llmkit.model import Transformer, build_model
 
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "bert": "BertForMaskedLM",
+    "t5": "T5ForConditionalGeneration",
 }
 # fields HF configs have no place for; they ride along under config.json["llmkit"]
 LLMKIT_ONLY_FIELDS = ("name", "init_std", "scaled_residual_init", "extra")
 # tensors some HF checkpoints carry that are derived, not learned
-IGNORED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+IGNORED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
 
 
 class CheckpointError(ValueError):
@@ -42,6 +45,8 @@ class CheckpointError(ValueError):
 
 def hf_model_type(cfg: ModelConfig) -> str | None:
     """The HF architecture that expresses `cfg` exactly, or None when only llmkit can."""
+    if cfg.architecture != "decoder":
+        return seq2seq_or_encoder_type(cfg)
     common = cfg.norm_placement == "pre" and not cfg.parallel_block and cfg.mask == "causal"
     if not common or cfg.rope_partial_factor != 1.0:
         return None
@@ -64,6 +69,8 @@ def hf_model_type(cfg: ModelConfig) -> str | None:
 
 def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     tokens = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    if model_type in ("bert", "t5"):
+        return {**(bert_config_to_hf(cfg) if model_type == "bert" else t5_config_to_hf(cfg)), **tokens}
     if model_type == "gpt2":
         return {
             "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,
@@ -133,9 +140,11 @@ def config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
             dropout=d.get("resid_pdrop", 0.0), attn_dropout=d.get("attn_pdrop", 0.0),
             **tokens, **extra,
         )
+    if model_type in ("bert", "t5"):
+        return (bert_config_from_hf if model_type == "bert" else t5_config_from_hf)(d, source, {**tokens, **extra})
     if model_type not in ("llama", "mistral", "qwen2"):
         raise ConfigError(
-            f"{source}: unknown model_type {model_type!r}; llmkit reads llama, mistral, qwen2, gpt2 and llmkit"
+            f"{source}: unknown model_type {model_type!r}; llmkit reads llama, mistral, qwen2, gpt2, bert, t5 and llmkit"
         )
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "gelu"):
@@ -204,8 +213,10 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def to_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig, model_type: str | None) -> dict[str, Tensor]:
-    """llmkit names -> the checkpoint's names (identical except for GPT-2); tied head dropped."""
-    sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    """llmkit names -> the checkpoint's names (identical except for GPT-2, BERT and T5); tied head dropped."""
+    sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == tied_head_key(cfg))}
+    if model_type in RENAMES:
+        return rename_tensors(sd, model_type, to_hf=True)
     if model_type != "gpt2":
         return sd
     out = {
@@ -231,6 +242,8 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig, model_type: str | 
 
 def from_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig, model_type: str | None) -> dict[str, Tensor]:
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
+    if model_type in RENAMES:
+        return rename_tensors(sd, model_type, to_hf=False)
     if model_type != "gpt2":
         return sd
     # the original GPT-2 checkpoints have no "transformer." prefix
@@ -295,7 +308,8 @@ def _read_tensors(path: Path, device: str | torch.device) -> tuple[dict[str, Ten
     return tensors, origin
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -305,11 +319,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     raw, origin = _read_tensors(path, device)
     sd = from_hf_state_dict(raw, cfg, model_type)
     with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+        model = build_model(cfg)
+    tied = tied_head_key(cfg) if cfg.tie_embeddings else None
+    expected = {k: v for k, v in model.state_dict().items() if k != tied}
     _check_tensors(path, sd, expected, origin)
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    sd.pop(tied, None)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
@@ -321,7 +335,7 @@ def _check_tensors(path: Path, sd: dict[str, Tensor], expected: dict[str, Tensor
     missing = sorted(set(expected) - set(sd))
     if missing:
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(set(sd) - set(expected) - {"lm_head.weight"})
+    unexpected = sorted(set(sd) - set(expected) - {"lm_head.weight", "mlm_head.decoder.weight"})
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} in {origin.get(unexpected[0], 'checkpoint')}")
     for name, ref in expected.items():
@@ -403,7 +417,8 @@ def checkpoint_config(cfg: ModelConfig, model_type: str | None, dtype: torch.dty
                 "llmkit": cfg.to_dict()}
     hf = config_to_hf(cfg, model_type)
     llmkit_only = {k: v for k, v in cfg.to_dict().items() if k in LLMKIT_ONLY_FIELDS}
-    return {"architectures": [HF_ARCHITECTURES[model_type]], **hf, "dtype": dtype_name, "llmkit": llmkit_only}
+    architecture = "BertForSequenceClassification" if model_type == "bert" and cfg.n_labels else HF_ARCHITECTURES[model_type]
+    return {"architectures": [architecture], **hf, "dtype": dtype_name, "llmkit": llmkit_only}
 
 
 def _write_json(file: Path, obj: Any) -> None:
@@ -422,3 +437,155 @@ def _move_into_place(tmp: Path, path: Path) -> None:
             stale.unlink()
     for file in tmp.iterdir():
         os.replace(file, path / file.name)
+
+
+# ----------------------------------------------------------------------------- BERT and T5
+
+
+def tied_head_key(cfg: ModelConfig) -> str:
+    """The output projection that shares the embedding matrix when cfg.tie_embeddings."""
+    return "mlm_head.decoder.weight" if cfg.architecture == "encoder" else "lm_head.weight"
+
+
+def seq2seq_or_encoder_type(cfg: ModelConfig) -> str | None:
+    """'bert' or 't5' when transformers' BERT / T5 express `cfg` exactly, else None."""
+    if cfg.architecture == "encoder":
+        bert = dict(norm="layernorm", norm_placement="post", activation="gelu", position="learned", qkv_bias=True,
+                    attn_out_bias=True, mlp_bias=True, tie_embeddings=True, embed_norm=True, norm_bias=True,
+                    attn_scale=None, n_kv_head=cfg.n_head, head_dim=cfg.d_model // cfg.n_head)
+        return "bert" if all(getattr(cfg, k) == v for k, v in bert.items()) and cfg.type_vocab_size else None
+    t5 = dict(norm="rmsnorm", qkv_bias=False, attn_out_bias=False, mlp_bias=False, attn_scale=1.0, n_kv_head=cfg.n_head)
+    ok = all(getattr(cfg, k) == v for k, v in t5.items()) and cfg.activation in T5_ACTIVATIONS.values()
+    return "t5" if ok and cfg.type_vocab_size == 0 and not cfg.embed_norm else None
+
+
+# T5's feed_forward_proj -> llmkit activation ("gated-gelu" is the tanh GELU, gelu_new, in transformers)
+T5_ACTIVATIONS = {"gated-gelu": "geglu_tanh", "relu": "relu", "gated-silu": "swiglu", "gelu": "gelu"}
+
+
+def bert_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    out = {
+        "model_type": "bert", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "intermediate_size": cfg.d_ff,
+        "hidden_act": "gelu", "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.attn_dropout, "position_embedding_type": "absolute",
+        "initializer_range": cfg.init_std, "tie_word_embeddings": True,
+    }
+    if cfg.n_labels:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.n_labels)}
+    return out
+
+
+def bert_config_from_hf(d: dict[str, Any], source: str, common: dict[str, Any]) -> ModelConfig:
+    if d.get("hidden_act", "gelu") != "gelu":
+        raise ConfigError(f"{source}: BERT field 'hidden_act' = {d['hidden_act']!r} is not supported (expected gelu)")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        raise ConfigError(f"{source}: BERT field 'position_embedding_type' must be 'absolute'")
+    classifier = any(a.endswith("ForSequenceClassification") for a in d.get("architectures") or [])
+    return ModelConfig(
+        architecture="encoder", mask="bidirectional", norm="layernorm", norm_placement="post", activation="gelu",
+        position="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, embed_norm=True,
+        vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layer=d["num_hidden_layers"],
+        n_head=d["num_attention_heads"], d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 512),
+        type_vocab_size=d.get("type_vocab_size", 2), norm_eps=d.get("layer_norm_eps", 1e-12),
+        dropout=d.get("hidden_dropout_prob", 0.0), attn_dropout=d.get("attention_probs_dropout_prob", 0.0),
+        n_labels=len(d.get("id2label") or {0: 0, 1: 1}) if classifier else 0, **common,
+    )
+
+
+def t5_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    proj = {v: k for k, v in T5_ACTIVATIONS.items()}[cfg.activation]
+    return {
+        "model_type": "t5", "is_encoder_decoder": True, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
+        "d_kv": cfg.head_dim, "d_ff": cfg.d_ff, "num_layers": cfg.n_layer, "num_decoder_layers": cfg.n_decoder_layer,
+        "num_heads": cfg.n_head, "relative_attention_num_buckets": cfg.relative_buckets,
+        "relative_attention_max_distance": cfg.relative_max_distance, "dropout_rate": cfg.dropout,
+        "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": proj, "initializer_factor": 1.0,
+        "tie_word_embeddings": cfg.tie_embeddings, "scale_decoder_outputs": cfg.scale_decoder_output,
+        "decoder_start_token_id": cfg.decoder_start_token_id,
+    }
+
+
+def t5_config_from_hf(d: dict[str, Any], source: str, common: dict[str, Any]) -> ModelConfig:
+    proj = d.get("feed_forward_proj", "relu")
+    if proj not in T5_ACTIVATIONS:
+        raise ConfigError(f"{source}: T5 field 'feed_forward_proj' = {proj!r} is not supported "
+                          f"(expected one of {sorted(T5_ACTIVATIONS)})")
+    tied = d.get("tie_word_embeddings", True)
+    common = {"pad_token_id": 0, "eos_token_id": 1, **{k: v for k, v in common.items() if v is not None}}
+    return ModelConfig(
+        architecture="encoder-decoder", mask="bidirectional", norm="rmsnorm", position="relative", attn_scale=1.0,
+        activation=T5_ACTIVATIONS[proj], vocab_size=d["vocab_size"], d_model=d["d_model"], head_dim=d["d_kv"],
+        d_ff=d["d_ff"], n_layer=d["num_layers"], n_decoder_layer=d.get("num_decoder_layers") or d["num_layers"],
+        n_head=d["num_heads"], relative_buckets=d.get("relative_attention_num_buckets", 32),
+        relative_max_distance=d.get("relative_attention_max_distance", 128), norm_eps=d.get("layer_norm_epsilon", 1e-6),
+        dropout=d.get("dropout_rate", 0.0), max_seq_len=d.get("n_positions", 512), tie_embeddings=tied,
+        # transformers 5 writes scale_decoder_outputs; older files mean "scaled" by a tied head
+        scale_decoder_output=d.get("scale_decoder_outputs", tied),
+        decoder_start_token_id=d.get("decoder_start_token_id", 0), **common,
+    )
+
+
+def _t5_stack_renames(stack: str, decoder: bool) -> list[tuple[str, str]]:
+    h, m = f"{stack}.block.{{i}}.layer.", f"{stack}.layers.{{i}}."
+    ff = 2 if decoder else 1
+    pairs = [(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias", f"{stack}.relative_attention_bias"),
+             (f"{stack}.final_layer_norm", f"{stack}.norm"),
+             (f"{h}0.layer_norm", f"{m}input_layernorm"),
+             (f"{h}{ff}.layer_norm", f"{m}post_attention_layernorm"),
+             (f"{h}{ff}.DenseReluDense.wi_0", f"{m}mlp.gate_proj"), (f"{h}{ff}.DenseReluDense.wi_1", f"{m}mlp.up_proj"),
+             (f"{h}{ff}.DenseReluDense.wi", f"{m}mlp.up_proj"), (f"{h}{ff}.DenseReluDense.wo", f"{m}mlp.down_proj")]
+    pairs += [(f"{h}0.SelfAttention.{p}", f"{m}self_attn.{p}_proj") for p in "qkvo"]
+    if decoder:
+        pairs += [(f"{h}1.layer_norm", f"{m}cross_attn_layernorm")]
+        pairs += [(f"{h}1.EncDecAttention.{p}", f"{m}cross_attn.{p}_proj") for p in "qkvo"]
+    return pairs
+
+
+_BERT_LAYER = [("attention.self.query", "self_attn.q_proj"), ("attention.self.key", "self_attn.k_proj"),
+               ("attention.self.value", "self_attn.v_proj"), ("attention.output.dense", "self_attn.o_proj"),
+               ("attention.output.LayerNorm", "input_layernorm"), ("intermediate.dense", "mlp.up_proj"),
+               ("output.dense", "mlp.down_proj"), ("output.LayerNorm", "post_attention_layernorm")]
+# (HF module, llmkit module) pairs; {i} is a layer number
+RENAMES: dict[str, list[tuple[str, str]]] = {
+    "bert": [
+        ("bert.embeddings.word_embeddings", "model.embed_tokens"),
+        ("bert.embeddings.position_embeddings", "model.embed_positions"),
+        ("bert.embeddings.token_type_embeddings", "model.embed_token_types"),
+        ("bert.embeddings.LayerNorm", "model.embed_norm"),
+        *[(f"bert.encoder.layer.{{i}}.{a}", f"model.layers.{{i}}.{b}") for a, b in _BERT_LAYER],
+        ("cls.predictions.transform.dense", "mlm_head.dense"), ("cls.predictions.transform.LayerNorm", "mlm_head.norm"),
+        ("cls.predictions.decoder", "mlm_head.decoder"), ("bert.pooler.dense", "pooler"), ("classifier", "classifier"),
+    ],
+    "t5": [("shared", "shared"), ("lm_head", "lm_head"),
+           *_t5_stack_renames("encoder", False), *_t5_stack_renames("decoder", True)],
+}
+# tensors the HF checkpoints carry twice (tied copies); the first name is the one kept
+_HF_ALIASES = {"bert": {"cls.predictions.bias": "cls.predictions.decoder.bias"},
+               "t5": {"encoder.embed_tokens.weight": None, "decoder.embed_tokens.weight": None}}
+
+
+def rename_tensors(sd: dict[str, Tensor], model_type: str, to_hf: bool) -> dict[str, Tensor]:
+    """Map module prefixes between HF and llmkit names; an unmatched key passes through (the loader reports it)."""
+    if not to_hf:
+        for alias, canonical in _HF_ALIASES[model_type].items():
+            value = sd.pop(alias, None)
+            if canonical is not None and value is not None:
+                sd.setdefault(canonical, value)
+    compiled = [(re.compile(re.escape(src if not to_hf else dst).replace(r"\{i\}", r"(\d+)") + r"\.(weight|bias)$"),
+                 (dst if not to_hf else src)) for src, dst in RENAMES[model_type]]
+    out = {}
+    for key, value in sd.items():
+        for pattern, target in compiled:
+            match = pattern.match(key)
+            if match:
+                *layer, kind = match.groups()
+                key = (target.replace("{i}", layer[0]) if layer else target) + "." + kind
+                break
+        out[key] = value
+    if to_hf and model_type == "bert":  # HF reads the output bias under its tied alias
+        out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"]
+    if to_hf and model_type == "t5" and not any(".wi_0." in k for k in out):  # ungated: T5 names it wi
+        out = {k.replace(".DenseReluDense.wi_1.", ".DenseReluDense.wi."): v for k, v in out.items()}
+    return out

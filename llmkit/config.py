@@ -13,11 +13,14 @@ from typing import Any
 
 NORMS = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post", "deepnorm")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
-POSITIONS = ("rope", "alibi", "learned", "none")
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "gelu", "gelu_tanh", "relu", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+# "relative": T5's bucketed relative position bias, one table per stack
+POSITIONS = ("rope", "alibi", "learned", "relative", "none")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
-MASKS = ("causal", "prefix")
+MASKS = ("causal", "prefix", "bidirectional")
+# decoder: causal LM (Transformer); encoder: BERT family (Encoder); encoder-decoder: T5 family (EncoderDecoder)
+ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "custom"
+    architecture: str = "decoder"
     vocab_size: int = 32000
     n_layer: int = 12
     n_head: int = 12
@@ -57,6 +61,8 @@ class ModelConfig:
     llama3_low_freq_factor: float = 1.0
     llama3_high_freq_factor: float = 4.0
     rope_partial_factor: float = 1.0  # fraction of head_dim that is rotated (GPT-NeoX, Phi)
+    relative_buckets: int = 32  # position="relative": buckets of the T5 bias (half per direction in the encoder)
+    relative_max_distance: int = 128  # distances beyond this share the last bucket
 
     qkv_bias: bool = False
     attn_out_bias: bool = False
@@ -67,6 +73,13 @@ class ModelConfig:
     dropout: float = 0.0  # embedding and residual dropout
     attn_dropout: float = 0.0
     mask: str = "causal"  # "prefix": bidirectional over a prefix (prefix_len given to forward), causal after
+    attn_scale: float | None = None  # score scale; None -> 1/sqrt(head_dim); T5 uses 1.0 (folded into its init)
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings added to the input (BERT); 0 = none
+    embed_norm: bool = False  # a norm right after the embeddings (BERT)
+    n_decoder_layer: int | None = None  # encoder-decoder: decoder depth; None -> n_layer
+    n_labels: int = 0  # encoder: a sequence-classification head with this many classes; 0 = none
+    decoder_start_token_id: int | None = None  # encoder-decoder: first decoder input (T5: the pad id)
+    scale_decoder_output: bool = False  # encoder-decoder: decoder output x d_model^-0.5 before the head (original T5)
     sliding_window: int | None = None  # each token sees at most this many previous tokens (itself included)
 
     init_std: float = 0.02
@@ -91,6 +104,8 @@ class ModelConfig:
                 self.d_ff = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
             else:
                 self.d_ff = 4 * self.d_model
+        if self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
         if self.norm_placement == "deepnorm":
             if self.deepnorm_alpha is None:
                 self.deepnorm_alpha = (2 * self.n_layer) ** 0.25
@@ -106,6 +121,13 @@ class ModelConfig:
         _check_choice("position", self.position, POSITIONS)
         _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         _check_choice("mask", self.mask, MASKS)
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        if self.architecture != "decoder" and self.mask != "bidirectional":
+            raise ConfigError(f"architecture {self.architecture!r} needs mask='bidirectional' (its encoder sees all tokens)")
+        if self.architecture == "encoder-decoder" and (self.norm_placement != "pre" or self.position != "relative"):
+            raise ConfigError("architecture 'encoder-decoder' is T5's: needs norm_placement='pre' and position='relative'")
+        if self.position == "relative" and self.architecture != "encoder-decoder":
+            raise ConfigError("position 'relative' (T5 bias) is built for architecture 'encoder-decoder' only")
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -153,12 +175,26 @@ class ModelConfig:
             mlp += (2 * F if self.gated else F) + C
         norm = C * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         per_layer = attn + mlp + 2 * norm
+        if self.architecture == "encoder":
+            return self._encoder_params(per_layer, norm)
+        if self.architecture == "encoder-decoder":  # decoder blocks add cross-attention and its norm
+            tables = 2 * self.relative_buckets * H
+            total = self.n_layer * per_layer + self.n_decoder_layer * (per_layer + attn + norm) + 2 * norm + tables
+            return total + self.vocab_size * C * (1 if self.tie_embeddings else 2)
         total = self.n_layer * per_layer + norm + self.vocab_size * C
         if not self.tie_embeddings:
             total += self.vocab_size * C
         if self.position == "learned":
             total += self.max_seq_len * C
         return total
+
+    def _encoder_params(self, per_layer: int, norm: int) -> int:
+        C, V = self.d_model, self.vocab_size
+        total = self.n_layer * per_layer + (V + self.max_seq_len + self.type_vocab_size) * C
+        total += norm if self.embed_norm else 0
+        if self.n_labels:  # pooler and classifier
+            return total + C * C + C + C * self.n_labels + self.n_labels
+        return total + C * C + C + norm + V + (0 if self.tie_embeddings else V * C)  # MLM head
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,6 +220,16 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 _LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False)
+_BERT = dict(
+    architecture="encoder", mask="bidirectional", norm="layernorm", norm_placement="post", norm_eps=1e-12,
+    activation="gelu", position="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
+    type_vocab_size=2, embed_norm=True,
+)
+# T5 v1.1: RMS norm without mean or bias, gated GELU, unscaled scores, relative position bias
+_T5 = dict(
+    architecture="encoder-decoder", mask="bidirectional", norm="rmsnorm", norm_eps=1e-6, activation="geglu_tanh",
+    position="relative", attn_scale=1.0, tie_embeddings=True,
+)
 _GPT2 = dict(
     norm="layernorm", activation="gelu_tanh", position="learned", qkv_bias=True, attn_out_bias=True,
     mlp_bias=True, tie_embeddings=True, norm_eps=1e-5,
@@ -195,7 +241,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-gpt2": dict(_GPT2, vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=256),
     "shakespeare": dict(_LLAMA, vocab_size=2048, n_layer=4, n_head=4, n_kv_head=4, d_model=192, d_ff=512,
                         max_seq_len=256, tie_embeddings=True),
+    "tiny-bert": dict(_BERT, vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=128, max_seq_len=256),
+    "tiny-t5": dict(_T5, vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=128, max_seq_len=256),
     # real shapes
+    "bert-base": dict(_BERT, vocab_size=30522, n_layer=12, n_head=12, d_model=768, d_ff=3072, max_seq_len=512),
+    "t5-v1_1-small": dict(_T5, vocab_size=32128, n_layer=8, n_head=6, head_dim=64, d_model=512, d_ff=1024,
+                          max_seq_len=512),
     "gpt2-124m": dict(_GPT2, vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
     "llama-134m": dict(_LLAMA, vocab_size=32000, n_layer=12, n_head=12, d_model=768, d_ff=2048, max_seq_len=2048,
                        norm_eps=1e-5),

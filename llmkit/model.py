@@ -156,6 +156,7 @@ class Attention(nn.Module):
         C, H, K, D = config.d_model, config.n_head, config.n_kv_head, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = H, K, D
         self.dropout = config.attn_dropout
+        self.scale = config.attn_scale  # None: SDPA's 1/sqrt(D)
         self.q_proj = nn.Linear(C, H * D, bias=config.qkv_bias)
         self.k_proj = nn.Linear(C, K * D, bias=config.qkv_bias)
         self.v_proj = nn.Linear(C, K * D, bias=config.qkv_bias)
@@ -194,8 +195,13 @@ class Attention(nn.Module):
             is_causal=ctx.is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
+            scale=self.scale,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def _gelu_tanh(t: Tensor) -> Tensor:
+    return F.gelu(t, approximate="tanh")
 
 
 class MLP(nn.Module):
@@ -209,7 +215,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(Fd, C, bias=bias)
         self.act = {
             "swiglu": F.silu, "silu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+            "gelu_tanh": _gelu_tanh, "geglu_tanh": _gelu_tanh,
         }[config.activation]
         # (weight, bias) of gate and up stacked while a KV cache is set up (see STACK_MAX_NUMEL); None otherwise
         self.gate_up_stacked: tuple[Tensor, Tensor | None] | None = None
@@ -283,7 +289,7 @@ def build_mask(
     """
     k_slots = torch.arange(S, device=q_slots.device)
     i, j = q_slots[:, None], k_slots[None, :]  # [T,1], [1,S]
-    allowed = (j <= i)[None]  # [1,T,S]
+    allowed = ((j <= i) | (config.mask == "bidirectional"))[None]  # [1,T,S]
     if prefix_len is not None:
         allowed = allowed | (j[None] < prefix_len.view(-1, 1, 1))
     if config.sliding_window is not None:
@@ -311,6 +317,10 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         if config.position == "learned":
             self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
+        if config.type_vocab_size:
+            self.embed_token_types = nn.Embedding(config.type_vocab_size, config.d_model)
+        if config.embed_norm:
+            self.embed_norm = make_norm(config)
         self.dropout = make_dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         for i, block in enumerate(self.layers):
@@ -344,6 +354,7 @@ class Backbone(nn.Module):
         prefix_kv: list[tuple[Tensor, Tensor]] | None = None,
         segment_ids: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
     ) -> Tensor:
         cfg = self.config
         B, T = inputs_embeds.shape[:2] if inputs_embeds is not None else input_ids.shape
@@ -358,6 +369,10 @@ class Backbone(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
+        if cfg.type_vocab_size:
+            x = x + self.embed_token_types(torch.zeros_like(position_ids) if token_type_ids is None else token_type_ids)
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
         x = self.dropout(x)
 
         if isinstance(prefix_len, int):
@@ -367,7 +382,7 @@ class Backbone(nn.Module):
         else:
             S = (kv_len if kv_len is not None else self._cache_len()) if cached else T
             mask, is_causal = None, False
-            plain = (attention_mask is None and prefix_len is None and self._alibi is None
+            plain = (cfg.mask != "bidirectional" and attention_mask is None and prefix_len is None and self._alibi is None
                      and cfg.sliding_window is None and segment_ids is None and prefix_kv is None)
             if plain and T == S and (not cached or kv_len is not None):
                 is_causal = T > 1  # keys are exactly slots 0..T-1: SDPA's own causal kernel
@@ -572,3 +587,262 @@ class Transformer(nn.Module):
             if isinstance(module, nn.Linear) and ".layers." in f".{name}":
                 gain = 1.0 if name.endswith(("q_proj", "k_proj")) else beta
                 nn.init.xavier_normal_(module.weight, gain=gain)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model class `config.architecture` names: Transformer, Encoder (BERT) or EncoderDecoder (T5)."""
+    return {"decoder": Transformer, "encoder": Encoder, "encoder-decoder": EncoderDecoder}[config.architecture](config)
+
+
+# ----------------------------------------------------------------------------- encoder-only (BERT family)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's prediction head: dense, activation, norm, then the (tied) vocabulary projection with a bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.act = MLP(config).act
+        self.norm = make_norm(config)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.norm(self.act(self.dense(hidden))))
+
+
+class Encoder(nn.Module):
+    """Bidirectional encoder (BERT): `model(input_ids, attention_mask, token_type_ids)` -> MLM logits [B,T,V].
+
+    The Backbone's blocks with mask='bidirectional'; `embed` gives pooled sentence vectors. With
+    config.n_labels > 0 the MLM head gives way to BERT's pooler (tanh over the first token) and a
+    classifier, as in HF's BertForSequenceClassification: `classify` returns [B,n_labels].
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        if config.n_labels:
+            self.pooler = nn.Linear(config.d_model, config.d_model)
+            self.classifier = nn.Linear(config.d_model, config.n_labels)
+        else:
+            self.mlm_head = MaskedLMHead(config)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings and not self.config.n_labels:
+            self.mlm_head.decoder.weight = self.model.embed_tokens.weight
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      token_type_ids: Tensor | None = None) -> Tensor:
+        """Last hidden states [B,T,C]; positions count from 0 in every row (BERT pads on the right)."""
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        positions = torch.arange(T, device=input_ids.device).expand(B, -1)
+        return self.model(input_ids, attention_mask, positions, token_type_ids=token_type_ids)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
+        if self.config.n_labels:
+            raise ValueError("a classification encoder has no MLM head: call classify(...)")
+        return self.mlm_head(self.hidden_states(input_ids, attention_mask, token_type_ids))
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Sentence embeddings [B,C]: the mean of the real tokens' last hidden states (sentence-transformers' pooling)."""
+        h = self.hidden_states(input_ids, attention_mask)
+        weight = torch.ones_like(input_ids, dtype=h.dtype) if attention_mask is None else attention_mask.to(h.dtype)
+        return (h * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
+
+    def classify(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 token_type_ids: Tensor | None = None) -> Tensor:
+        """Class logits [B,n_labels] (HF's BertForSequenceClassification)."""
+        if not self.config.n_labels:
+            raise ValueError("this encoder has no classification head: set config.n_labels > 0")
+        first = self.hidden_states(input_ids, attention_mask, token_type_ids)[:, 0]
+        return self.classifier(torch.tanh(self.pooler(first)))
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    num_params = Transformer.num_params
+    init_weights = Transformer.init_weights  # the same normal init over Linear, Embedding and norm modules
+    _deepnorm_init = Transformer._deepnorm_init
+
+
+# ----------------------------------------------------------------------------- encoder-decoder (T5 family)
+
+
+def relative_position_bucket(relative: Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket of each (key - query) distance: exact for small ones, log-spaced up to max_distance."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:  # half the buckets for keys after the query
+        n_buckets //= 2
+        buckets = buckets + (relative > 0).long() * n_buckets
+        relative = relative.abs()
+    else:
+        relative = -relative.clamp(max=0)
+    exact = n_buckets // 2
+    large = exact + (torch.log(relative.float() / exact) / math.log(max_distance / exact)
+                     * (n_buckets - exact)).long()
+    large = large.clamp(max=n_buckets - 1)
+    return buckets + torch.where(relative < exact, relative, large)
+
+
+class CrossAttention(Attention):
+    """Decoder queries over encoder keys/values; `memory` projects those once per input (cached in generation)."""
+
+    def memory(self, encoded: Tensor) -> tuple[Tensor, Tensor]:
+        B, S, _ = encoded.shape
+        k = self.k_proj(encoded).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(encoded).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, *kv, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class CrossBlock(Block):
+    """A pre-LN decoder block: self-attention, cross-attention over the encoder output, MLP."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.cross_attn = CrossAttention(config)
+        self.cross_attn_layernorm = make_norm(config)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, kv: tuple[Tensor, Tensor], memory_mask: Tensor | None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), ctx))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_layernorm(x), kv, memory_mask))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Stack(nn.Module):
+    """One T5 stack: blocks sharing one relative-position-bias table, then a final norm."""
+
+    def __init__(self, config: ModelConfig, n_layer: int, causal: bool):
+        super().__init__()
+        self.config, self.causal = config, causal
+        block = CrossBlock if causal else Block
+        self.layers = nn.ModuleList(block(config) for _ in range(n_layer))
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = i
+        self.relative_attention_bias = nn.Embedding(config.relative_buckets, config.n_head)
+        self.norm = make_norm(config)
+        self.dropout = make_dropout(config.dropout)
+
+    def bias(self, q_pos: Tensor, S: int, key_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Additive mask [B|1,H,T,S]: the position bias, a large negative where a key is padding or in the future."""
+        cfg = self.config
+        k_pos = torch.arange(S, device=q_pos.device)
+        relative = k_pos[None, :] - q_pos[:, None]  # [T,S]
+        buckets = relative_position_bucket(relative, not self.causal, cfg.relative_buckets, cfg.relative_max_distance)
+        bias = self.relative_attention_bias(buckets).permute(2, 0, 1)[None].to(dtype)  # [1,H,T,S]
+        allowed = (relative <= 0)[None, None] if self.causal else torch.ones_like(relative, dtype=torch.bool)[None, None]
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :S].bool()
+        # finfo.min rather than -inf: a fully padded row stays finite, as in transformers
+        return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, slots: Tensor | None = None,
+                kv_len: int | None = None, memory: list[tuple[Tensor, Tensor]] | None = None,
+                memory_mask: Tensor | None = None) -> Tensor:
+        T = x.shape[1]
+        cached = slots is not None
+        q_pos = slots if cached else torch.arange(T, device=x.device)
+        S = kv_len if cached else T
+        ctx = ForwardContext(None, None, self.bias(q_pos, S, key_mask, x.dtype), False, slots, kv_len)
+        x = self.dropout(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, memory[i], memory_mask) if self.causal else layer(x, ctx)
+        return self.dropout(self.norm(x))
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder-decoder LM (T5): `model(input_ids, attention_mask, decoder_input_ids=...)` -> logits [B,T_dec,V].
+
+    For generation: `encode` once, `memory` projects each decoder layer's cross-attention keys/values once,
+    then `decode` steps over the decoder's own KV cache (`setup_cache`).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config, config.n_layer, causal=False)
+        self.decoder = Stack(config, config.n_decoder_layer, causal=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.encoder(self.shared(input_ids), key_mask=attention_mask)
+
+    def memory(self, encoded: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [layer.cross_attn.memory(encoded) for layer in self.decoder.layers]
+
+    def decode(self, decoder_input_ids: Tensor, memory: list[tuple[Tensor, Tensor]],
+               attention_mask: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+               slots: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+        """Logits [B,T,V] for decoder tokens given the encoder memory; attention_mask masks encoder padding."""
+        x = self.shared(decoder_input_ids)
+        memory_mask = None
+        if attention_mask is not None:
+            memory_mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
+            memory_mask = memory_mask.masked_fill(~attention_mask.bool(), torch.finfo(x.dtype).min)[:, None, None]
+        h = self.decoder(x, decoder_attention_mask, slots, kv_len, memory, memory_mask)
+        if self.config.scale_decoder_output:
+            h = h * self.config.d_model**-0.5
+        return self.lm_head(h)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                decoder_input_ids: Tensor, decoder_attention_mask: Tensor | None = None) -> Tensor:
+        if input_ids.dim() != 2 or decoder_input_ids.dim() != 2:
+            raise ValueError("input_ids and decoder_input_ids must be [batch, seq]")
+        memory = self.memory(self.encode(input_ids, attention_mask))
+        return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+
+    def shift_right(self, labels: Tensor) -> Tensor:
+        """Decoder inputs for teacher forcing: the start token, then labels[:-1] (-100 read as pad)."""
+        start = self.config.decoder_start_token_id
+        start = self.config.pad_token_id if start is None else start
+        if start is None:
+            raise ValueError("config.decoder_start_token_id (or pad_token_id) is needed to build decoder inputs")
+        shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id or 0)
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
+        """A static KV cache for each decoder self-attention (cross-attention keys come from `memory`)."""
+        max_len = 8 * math.ceil(max_len / 8)
+        p, cfg = self.lm_head.weight, self.config
+        for layer in self.decoder.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, max_len, cfg.n_kv_head, cfg.head_dim,
+                                               dtype or p.dtype, device or p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.decoder.layers:
+            layer.self_attn.kv_cache = None
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        raise ValueError("activation checkpointing is not built for encoder-decoder models")
+
+    num_params = Transformer.num_params
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        # T5's init (Mesh TF): no score scaling, so queries start 1/sqrt(D) smaller instead
+        Transformer.init_weights(self)
+        for stack in (self.encoder, self.decoder):
+            for layer in stack.layers:
+                for attn in (layer.self_attn, getattr(layer, "cross_attn", None)):
+                    if attn is not None and attn.scale == 1.0:
+                        attn.q_proj.weight.mul_(attn.head_dim**-0.5)

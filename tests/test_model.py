@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import llmkit
 from llmkit.config import PRESETS, ConfigError, ModelConfig
-from llmkit.model import Transformer, alibi_slopes
+from llmkit.model import Transformer, alibi_slopes, build_model
 
 BASE = dict(vocab_size=128, n_layer=2, n_head=4, d_model=32, d_ff=64, max_seq_len=64)
 VARIANTS = {
@@ -201,7 +201,7 @@ def test_activation_checkpointing_gives_same_gradients():
 def test_preset_parameter_count(preset):
     cfg = ModelConfig.from_preset(preset)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     assert model.num_params() == cfg.n_params
 
 

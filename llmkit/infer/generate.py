@@ -141,12 +141,47 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: Generati
              pad_id: int = 0) -> list[list[int]]:
     """New token ids per prompt, up to and including the first EOS."""
     gen = gen or GenerationConfig()
-    steps = list(decode_tokens(model, prompts, gen, pad_id))
+    if model.config.architecture == "encoder-decoder":  # the prompt is the encoder's input (T5)
+        steps = list(decode_seq2seq(model, prompts, gen, pad_id))
+    else:
+        steps = list(decode_tokens(model, prompts, gen, pad_id))
     if not steps:
         return [[] for _ in prompts]
     out = torch.stack(steps, 1).tolist()
     eos = set(gen.eos_token_ids)
     return [_cut_at_eos(row, eos) for row in out]
+
+
+@torch.inference_mode()
+def decode_seq2seq(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig, pad_id: int = 0) -> Iterator[Tensor]:
+    """`decode_tokens` for an encoder-decoder: the encoder runs once and each decoder layer's cross-attention
+    keys/values are projected once; the decoder steps over its own static KV cache."""
+    gen.validate()
+    model_cfg, device = model.config, model.lm_head.weight.device
+    ids, mask = left_pad(prompts, pad_id, device)  # relative positions: left or right padding is the same
+    B = ids.shape[0]
+    memory = model.memory(model.encode(ids, mask))
+    start = model_cfg.decoder_start_token_id if model_cfg.decoder_start_token_id is not None else pad_id
+    history = torch.full((B, gen.max_new_tokens + 1), start, dtype=torch.long, device=device)
+    eos = torch.tensor(gen.eos_token_ids or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    generator = make_generator(gen.sampling, device)
+    slots = torch.arange(gen.max_new_tokens + 1, device=device)
+    model.setup_cache(B, gen.max_new_tokens + 1)
+    try:
+        for t in range(gen.max_new_tokens):
+            logits = model.decode(history[:, t:t + 1], memory, mask, slots=slots[t:t + 1], kv_len=t + 1)[:, -1]
+            for proc in gen.logits_processors:
+                logits = proc(history[:, 1:t + 1], logits)
+            token = sample(logits.float(), gen.sampling, history[:, 1:t + 1], generator, history[:, 1:t + 1])
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            done |= torch.isin(token, eos)
+            history[:, t + 1] = token
+            yield token
+            if bool(done.all()):
+                break
+    finally:
+        model.clear_cache()
 
 
 def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:

@@ -102,3 +102,49 @@ def _random_partition(n: int, parts: int, generator: torch.Generator) -> list[in
     cuts = torch.randperm(n - 1, generator=generator)[: parts - 1].sort().values + 1
     bounds = [0, *cuts.tolist(), n]
     return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+# ----------------------------------------------------------------------------- encoder objectives
+
+
+def mask_tokens(ids: Tensor, vocab_size: int, mask_id: int, generator: torch.Generator, rate: float = 0.15,
+                special: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """BERT's masked LM: pick `rate` of the tokens (never `special` ones); of those 80% become [MASK],
+    10% a random token, 10% stay. -> (inputs, labels with -100 where no prediction is asked)."""
+    picked = torch.rand(ids.shape, generator=generator) < rate
+    if special is not None:
+        picked &= ~special
+    labels = ids.masked_fill(~picked, IGNORE)
+    draw = torch.rand(ids.shape, generator=generator)
+    inputs = ids.masked_fill(picked & (draw < 0.8), mask_id)
+    randomised = picked & (draw >= 0.8) & (draw < 0.9)
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator)
+    return torch.where(randomised, random_ids, inputs), labels
+
+
+def t5_sentinels(vocab_size: int, n: int = N_SENTINELS) -> list[int]:
+    """T5's <extra_id_0>, <extra_id_1>, ... are the top ids of the vocabulary, counting down."""
+    return list(range(vocab_size - 1, vocab_size - 1 - n, -1))
+
+
+def span_corrupt(tokens: Tensor, generator: torch.Generator, sentinels: list[int], eos_id: int | None,
+                 rate: float = 0.15, mean_span: float = 3.0) -> tuple[Tensor, Tensor]:
+    """T5's span corruption of one sequence -> (encoder inputs, decoder targets).
+
+    round(L*rate) noise tokens in round(noise/mean_span) spans, alternating with kept spans (a kept span
+    first); each noise span becomes one sentinel in the input, and the target lists every sentinel followed
+    by the tokens it hides, then eos.
+    """
+    length = len(tokens)
+    noise = min(max(1, round(length * rate)), length - 1)
+    n_spans = max(1, min(len(sentinels), noise, round(noise / mean_span)))
+    noise_lengths = _random_partition(noise, n_spans, generator)
+    keep_lengths = _random_partition(length - noise, n_spans, generator)
+    inputs, targets, pos = [], [], 0
+    for s in range(n_spans):
+        inputs += [tokens[pos: pos + keep_lengths[s]], torch.tensor([sentinels[s]])]
+        pos += keep_lengths[s]
+        targets += [torch.tensor([sentinels[s]]), tokens[pos: pos + noise_lengths[s]]]
+        pos += noise_lengths[s]
+    end = [torch.tensor([eos_id])] if eos_id is not None else []
+    return torch.cat(inputs + end), torch.cat(targets + end)

@@ -1,0 +1,106 @@
+"""BERT family: parity with transformers both ways, MLM masking, sentence embeddings, classification."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+import llmkit
+from llmkit.config import ModelConfig
+from llmkit.model import Encoder
+from llmkit.train.objectives import mask_tokens
+
+TOL = 1e-4
+
+
+def hf_bert(cls=BertForMaskedLM, **kw):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, **kw)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a mapping mistake shows
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding, as BERT batches are
+    types = torch.zeros(2, 11, dtype=torch.long)
+    types[:, 5:] = 1
+    return ids, mask, types
+
+
+def test_bert_mlm_parity_hf_to_llmkit_and_back(tmp_path):
+    ref = hf_bert()
+    ref.save_pretrained(tmp_path / "hf")
+    model, _ = llmkit.load(tmp_path / "hf")
+    assert isinstance(model, Encoder)
+    ids, mask, types = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        got = model(ids, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max() <= TOL
+    llmkit.save(model, None, tmp_path / "ours")
+    back = BertForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        again = back(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert (again[real] - got[real]).abs().max() <= TOL
+
+
+def test_llmkit_bert_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig.from_preset("tiny-bert", vocab_size=101)).eval()
+    llmkit.save(model, None, tmp_path / "ours")
+    ref = BertForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+    ids, mask, types = batch()
+    with torch.no_grad():
+        diff = (ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+                - model(ids, attention_mask=mask, token_type_ids=types))
+    assert diff[mask.bool()].abs().max() <= TOL
+
+
+def test_sequence_classification_parity(tmp_path):
+    ref = hf_bert(BertForSequenceClassification, num_labels=3)
+    ref.save_pretrained(tmp_path / "hf")
+    model, _ = llmkit.load(tmp_path / "hf")
+    assert model.config.n_labels == 3
+    ids, mask, types = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        got = model.classify(ids, attention_mask=mask, token_type_ids=types)
+    assert (got - want).abs().max() <= TOL
+
+
+def test_embeddings_ignore_padding():
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig.from_preset("tiny-bert", vocab_size=101)).eval()
+    ids = torch.randint(0, 101, (1, 6))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.tensor([[1] * 6 + [0] * 3])
+    with torch.no_grad():
+        alone, with_pad = model.embed(ids), model.embed(padded, mask)
+    assert (alone - with_pad).abs().max() <= 1e-5
+
+
+def test_mlm_masking_proportions():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (64, 256), generator=g)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True  # [CLS] is never picked
+    inputs, labels = mask_tokens(ids, vocab_size=1000, mask_id=3, generator=g, special=special)
+    picked = labels != -100
+    assert not picked[:, 0].any()
+    assert (labels[picked] == ids[picked]).all() and (labels[~picked] == -100).all()
+    assert (inputs[~picked] == ids[~picked]).all()
+    n = picked.sum().item()
+    assert abs(n / ids[:, 1:].numel() - 0.15) < 0.01
+    as_mask = (inputs[picked] == 3).float().mean().item()
+    kept = (inputs[picked] == ids[picked]).float().mean().item()
+    random = 1 - as_mask - kept
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.015 and abs(random - 0.1) < 0.015
