@@ -255,7 +255,8 @@ STAGES: dict[str, Command] = {
 # each of these modules exports COMMANDS in the same shape as STAGES; they import only
 # jsonargparse at the top, the heavy work inside their handlers, so --help stays fast
 COMMAND_MODULES: list[str] = ["llmkit.data.pack_cli", "llmkit.train.commands", "llmkit.data.commands",
-                               "llmkit.eval.commands", "llmkit.rag.commands", "llmkit.train.finetune_commands"]
+                               "llmkit.eval.commands", "llmkit.rag.commands", "llmkit.train.finetune_commands",
+                               "llmkit.train.distill_commands"]
 
 
 def all_commands() -> dict[str, Command]:

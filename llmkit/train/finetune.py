@@ -74,8 +74,6 @@ class FineTuner(Trainer):
 
     def __init__(self, cfg: FinetuneConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                  on_step: Callable[[int, dict], None] | None = None):
-        from llmkit.checkpoint import load
-
         cfg.validate()
         self.cfg, self.out, self.on_step = cfg, Path(out), on_step
         self.env = dist_utils.setup(cfg.device)
@@ -83,7 +81,7 @@ class FineTuner(Trainer):
             raise TrainError("llmkit finetune runs in one process; launch it without torchrun")
         self.device = self.env.device
         self._prepare_out_dir(resume, overwrite)
-        model, self.tokenizer = load(cfg.model)
+        model, self.tokenizer = self._load_model()
         if self.tokenizer is None:
             raise TrainError(f"{cfg.model}: no tokenizer in the checkpoint; fine-tuning needs one")
         self._set_chat_template()
@@ -120,6 +118,12 @@ class FineTuner(Trainer):
         self.tb = self._tensorboard()
 
     # -- setup
+
+    def _load_model(self):
+        """(model, tokenizer) to train: the --model checkpoint (distillation may build one from a preset)."""
+        from llmkit.checkpoint import load
+
+        return load(self.cfg.model)
 
     def _base_model(self):
         return getattr(self.raw_model, "base", self.raw_model)
@@ -166,6 +170,13 @@ class FineTuner(Trainer):
                                 segment_ids=batch["segment_ids"].to(self.device))
         return self.forward(ids)
 
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        return self.train_data.next_batch()
+
+    def _batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed loss over the batch's labelled tokens (distillation swaps in its divergences)."""
+        return lm_loss(self.logits(batch), batch["labels"].to(self.device), reduction="sum")
+
     def _after_update(self, record: dict) -> None:
         if self.allocator is not None:  # AdaLoRA reads the gradients of this step, after the update
             record["rank_budget"] = self.allocator.step(self.raw_model, self.step + 1)
@@ -174,13 +185,13 @@ class FineTuner(Trainer):
         cfg = self.cfg
         start = time.perf_counter()
         self.model.train()
-        micro = [self.train_data.next_batch() for _ in range(cfg.grad_accum)]
+        micro = [self._next_batch() for _ in range(cfg.grad_accum)]
         # normalise by the labelled tokens of the whole step, so accumulation gives the big-batch gradient
         n_labels = max(1, sum(int((b["labels"] != IGNORE).sum()) for b in micro))
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro:
             with self._autocast():
-                loss = lm_loss(self.logits(batch), batch["labels"].to(self.device), reduction="sum")
+                loss = self._batch_loss(batch)
             self.scaler.scale(loss / n_labels).backward()
             loss_sum += loss.detach()
         record = {"step": self.step + 1, "loss": float(loss_sum) / n_labels}
