@@ -447,6 +447,13 @@ def tied_head_key(cfg: ModelConfig) -> str:
     return "mlm_head.decoder.weight" if cfg.architecture == "encoder" else "lm_head.weight"
 
 
+def tie_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """A state dict read from a file that stores a tied matrix once, with the head's name filled in again."""
+    if cfg.tie_embeddings:
+        sd[tied_head_key(cfg)] = sd["shared.weight" if cfg.architecture == "encoder-decoder" else "model.embed_tokens.weight"]
+    return sd
+
+
 def seq2seq_or_encoder_type(cfg: ModelConfig) -> str | None:
     """'bert' or 't5' when transformers' BERT / T5 express `cfg` exactly, else None."""
     if cfg.architecture == "encoder":

@@ -811,15 +811,6 @@ class EncoderDecoder(nn.Module):
         memory = self.memory(self.encode(input_ids, attention_mask))
         return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
 
-    def shift_right(self, labels: Tensor) -> Tensor:
-        """Decoder inputs for teacher forcing: the start token, then labels[:-1] (-100 read as pad)."""
-        start = self.config.decoder_start_token_id
-        start = self.config.pad_token_id if start is None else start
-        if start is None:
-            raise ValueError("config.decoder_start_token_id (or pad_token_id) is needed to build decoder inputs")
-        shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
-        return shifted.masked_fill(shifted == -100, self.config.pad_token_id or 0)
-
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
         """A static KV cache for each decoder self-attention (cross-attention keys come from `memory`)."""
         max_len = 8 * math.ceil(max_len / 8)

@@ -1,13 +1,23 @@
 """BERT family: parity with transformers both ways, MLM masking, sentence embeddings, classification."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM, BertConfig, BertForMaskedLM, \
+    BertForSequenceClassification
 
 import llmkit
 from llmkit.config import ModelConfig
+from llmkit.data.pack import pack_documents, read_documents
 from llmkit.model import Encoder
+from llmkit.tokenizer import train_tokenizer
 from llmkit.train.objectives import mask_tokens
+from llmkit.train.recipe import TrainConfig
+from llmkit.train.trainer import Trainer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TOL = 1e-4
 
@@ -104,3 +114,43 @@ def test_mlm_masking_proportions():
     kept = (inputs[picked] == ids[picked]).float().mean().item()
     random = 1 - as_mask - kept
     assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.015 and abs(random - 0.1) < 0.015
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("packed")
+    corpus = root / "corpus.txt"
+    corpus.write_text((DATA / "tinyshakespeare.txt").read_text()[:60_000])
+    tok = train_tokenizer([corpus], "byte-bpe", 320)
+    pack_documents(read_documents([str(corpus)]), tok, root / "data", val_fraction=0.1, progress=False)
+    return root / "data"
+
+
+# encoder pretraining through `llmkit pretrain`: BERT's masked LM and T5's span corruption
+@pytest.mark.parametrize("objective,preset,hf_class", [("mlm", "tiny-bert", AutoModelForMaskedLM),
+                                                       ("span", "tiny-t5", AutoModelForSeq2SeqLM)])
+def test_pretraining_encoders_learns_resumes_and_loads_in_transformers(packed, tmp_path, objective, preset, hf_class):
+    def recipe():
+        return TrainConfig(model=preset, objective=objective, data=str(packed), seq_len=32, micro_batch_size=4,
+                           max_steps=16, warmup_steps=2, lr=3e-3, eval_every=0, eval_batches=2, save_every=8,
+                           sample_tokens=4, log_every=4)
+
+    Trainer(recipe(), tmp_path / "a").fit()
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-4:]) / 4
+    assert last < first - 0.5 and "val_loss" in records[-1]
+    def kill(step, record):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed after the step-8 checkpoint: steps 9-10 are redone
+        Trainer(recipe(), tmp_path / "b", on_step=kill).fit()
+    Trainer(recipe(), tmp_path / "b", resume=True).fit()
+    resumed = [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == pytest.approx([r["loss"] for r in records], abs=1e-5)
+    assert hf_class.from_pretrained(tmp_path / "a" / "model") is not None
+
+
+def test_objective_must_match_the_architecture(packed, tmp_path):
+    with pytest.raises(ValueError, match="objective 'mlm' trains a encoder model"):
+        Trainer(TrainConfig(model="tiny", objective="mlm", data=str(packed), seq_len=32, max_steps=1), tmp_path)

@@ -161,7 +161,8 @@ def test_adamw8bit_saves_memory_and_trains_like_adamw():
 def test_prefix_lm_labels_skip_the_visible_prefix():
     x = torch.arange(40).view(2, 20)
     y = x + 1
-    inputs, labels, prefix = make_batch("prefix", x, y, torch.Generator().manual_seed(0), 100)
+    inputs, labels, extra = make_batch("prefix", x, y, torch.Generator().manual_seed(0), 100)
+    prefix = extra["prefix_len"]
     for row in range(2):
         p = int(prefix[row])
         assert (labels[row, : p - 1] == IGNORE).all() and (labels[row, p - 1:] == y[row, p - 1:]).all()
@@ -172,7 +173,8 @@ def test_ul2_batches_have_mode_tokens_sentinels_and_fixed_length():
     ids = ul2_special_ids(V)
     x = torch.randint(0, 300, (8, 64))
     y = torch.cat([x[:, 1:], torch.randint(0, 300, (8, 1))], 1)
-    inputs, labels, prefix = make_batch("ul2", x, y, torch.Generator().manual_seed(0), V)
+    inputs, labels, extra = make_batch("ul2", x, y, torch.Generator().manual_seed(0), V)
+    prefix = extra["prefix_len"]
     assert inputs.shape == labels.shape == (8, 64)
     assert set(inputs[:, 0].tolist()) <= {ids["R"], ids["S"], ids["X"]}
     for row in range(8):

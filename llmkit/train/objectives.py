@@ -1,7 +1,8 @@
-"""Training objectives on the decoder-only model: causal LM, prefix LM, and a UL2 mixture of denoisers.
+"""Training objectives: causal LM, prefix LM and a UL2 mixture of denoisers on the decoder-only model;
+masked LM on the encoder (BERT); span corruption on the encoder-decoder (T5).
 
 Each turns a window of T+1 tokens (inputs x, shifted targets y) into model inputs, labels
-(-100 where no loss is taken) and an optional bidirectional prefix length.
+(-100 where no loss is taken) and the model's other keyword arguments (prefix length, masks, decoder inputs).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("causal", "prefix", "ul2")
+OBJECTIVES = ("causal", "prefix", "ul2", "mlm", "span")
+# the model architecture each objective trains
+OBJECTIVE_ARCHITECTURE = {"mlm": "encoder", "span": "encoder-decoder"}
 IGNORE = -100
 # UL2 (Tay et al. 2022) denoisers: (mode, mean span length, corruption rate); "S" is sequential prefix-LM
 UL2_DENOISERS = (("R", 3, 0.15), ("R", 8, 0.15), ("S", 0, 0.25), ("X", 3, 0.5), ("X", 64, 0.15))
@@ -29,16 +32,70 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
                            reduction=reduction)
 
 
-def make_batch(objective: str, x: Tensor, y: Tensor, generator: torch.Generator,
-               vocab_size: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(input_ids, labels, prefix_len or None) for one batch of windows."""
+def make_batch(objective: str, x: Tensor, y: Tensor, generator: torch.Generator, vocab_size: int,
+               tokenizer=None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(input_ids, labels, the model's other keyword arguments) for one batch of windows.
+
+    mlm masks with the tokenizer's [MASK]/<mask> token (else the top id, reserved as UL2 reserves its own);
+    span uses T5's sentinels (the top 100 ids) and ends targets with the tokenizer's eos.
+    """
     if objective == "causal":
-        return x, y, None
-    if objective == "prefix":
-        return _prefix_lm(x, y, generator)
-    if objective == "ul2":
-        return _ul2(torch.cat([x, y[:, -1:]], 1), generator, vocab_size)
+        return x, y, {}
+    if objective in ("prefix", "ul2"):
+        windows = torch.cat([x, y[:, -1:]], 1)
+        inputs, labels, prefix = _prefix_lm(x, y, generator) if objective == "prefix" else _ul2(windows, generator,
+                                                                                                   vocab_size)
+        return inputs, labels, {"prefix_len": prefix}
+    if objective == "mlm":  # the T inputs alone: a learned-position encoder's context is seq_len
+        mask_id = _token_id(tokenizer, ("[MASK]", "<mask>"), vocab_size - 1)
+        special = torch.isin(x, torch.tensor(_special_ids(tokenizer), dtype=torch.long))
+        inputs, labels = mask_tokens(x, vocab_size, mask_id, generator, special=special)
+        return inputs, labels, {}
+    if objective == "span":
+        return _span_batch(torch.cat([x, y[:, -1:]], 1), generator, vocab_size, tokenizer)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def check_objective(objective: str, architecture: str) -> None:
+    """The objective must train the model's architecture (mlm an encoder, span an encoder-decoder, others a decoder)."""
+    wanted = OBJECTIVE_ARCHITECTURE.get(objective, "decoder")
+    if architecture != wanted:
+        raise ValueError(f"objective {objective!r} trains a {wanted} model, but the model's architecture is "
+                         f"{architecture!r}; pick objective " +
+                         " or ".join(repr(o) for o in OBJECTIVES if OBJECTIVE_ARCHITECTURE.get(o, "decoder") == architecture))
+
+
+def _token_id(tokenizer, names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        found = tokenizer.token_to_id(name) if tokenizer is not None else None
+        if found is not None:
+            return found
+    return default
+
+
+def _special_ids(tokenizer) -> list[int]:
+    if tokenizer is None:
+        return []
+    return [i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None]
+
+
+def _span_batch(windows: Tensor, generator: torch.Generator, vocab_size: int,
+                tokenizer) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """T5 batches: encoder inputs right-padded with their mask, targets (-100 padded) and decoder inputs."""
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
+    pairs = [span_corrupt(w, generator, t5_sentinels(vocab_size), eos) for w in windows]
+    inputs = torch.nn.utils.rnn.pad_sequence([i for i, _ in pairs], batch_first=True, padding_value=pad)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i, _ in pairs], batch_first=True)
+    labels = torch.nn.utils.rnn.pad_sequence([t for _, t in pairs], batch_first=True, padding_value=IGNORE)
+    # teacher forcing: the decoder reads the targets shifted right behind the start token (T5: the pad id)
+    return inputs, labels, {"attention_mask": mask, "decoder_input_ids": shift_right(labels, pad)}
+
+
+def shift_right(labels: Tensor, start_id: int) -> Tensor:
+    """Decoder inputs for teacher forcing: the start token, then labels[:-1] (-100 read as the start/pad id)."""
+    shifted = torch.cat([torch.full_like(labels[:, :1], start_id), labels[:, :-1]], 1)
+    return shifted.masked_fill(shifted == IGNORE, start_id)
 
 
 def _prefix_lm(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -43,8 +43,9 @@ class TrainConfig:
     warmup_steps: int = opt(100, "linear warmup steps")
     decay_fraction: float = opt(0.2, "wsd: fraction of steps spent decaying at the end")
     max_steps: int = opt(1000, "optimiser steps to train")
-    objective: str = opt("causal", "causal, prefix (bidirectional prefix) or ul2 (mixture of denoisers)",
-                         choices=["causal", "prefix", "ul2"])
+    objective: str = opt("causal", "causal, prefix (bidirectional prefix) or ul2 (mixture of denoisers) for decoders; "
+                         "mlm (masked LM) for encoders; span (T5 span corruption) for encoder-decoders",
+                         choices=["causal", "prefix", "ul2", "mlm", "span"])
     # precision and memory
     precision: str = opt("fp32", "fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling)",
                          choices=["fp32", "bf16", "fp16"])

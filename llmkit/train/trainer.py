@@ -29,10 +29,10 @@ from llmkit.card import model_card, write_card
 from llmkit.checkpoint import load_model, write_checkpoint_files
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.data.pack import TokenWindows, read_index, tokenizer_hash
-from llmkit.model import Transformer
+from llmkit.model import Transformer, build_model
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed as dist_utils
-from llmkit.train.objectives import lm_loss, make_batch
+from llmkit.train.objectives import OBJECTIVE_ARCHITECTURE, check_objective, lm_loss, make_batch
 from llmkit.train.optim import build_optimizer, lr_multiplier
 from llmkit.train.recipe import TrainConfig
 
@@ -60,6 +60,7 @@ class Trainer:
         self.tokenizer = self._load_tokenizer()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.raw_model = self._build_model().to(self.device)
+        check_objective(cfg.objective, self.raw_model.config.architecture)
         if cfg.activation_checkpointing:
             self.raw_model.set_activation_checkpointing(True)
         self.model = dist_utils.wrap(self.raw_model, self.env, cfg)
@@ -116,7 +117,7 @@ class Trainer:
         fields = {"vocab_size": tok.vocab_size, "max_seq_len": max(cfg.seq_len, PRESETS[cfg.model].get("max_seq_len", 0)),
                   "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
                   **cfg.model_overrides}
-        return Transformer(ModelConfig.from_preset(cfg.model, **fields))
+        return build_model(ModelConfig.from_preset(cfg.model, **fields))
 
     def _open_metrics(self):
         if not self.env.is_main:
@@ -205,17 +206,17 @@ class Trainer:
         # objective noise is drawn from (seed, step), so a resumed run corrupts the same spans
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         micro = [make_batch(cfg.objective, *self.train_data.next_batch(cfg.micro_batch_size), gen,
-                            self.raw_model.config.vocab_size) for _ in range(accum)]
+                            self.raw_model.config.vocab_size, self.tokenizer) for _ in range(accum)]
         # normalise by the labelled tokens of the whole global batch, so any split over ranks and
         # micro-batches gives the single-process gradient
         n_local = sum(int((labels != -100).sum()) for _, labels, _ in micro)
         n_global = dist_utils.all_reduce_sum(float(n_local), env)
         loss_sum = torch.zeros((), device=self.device)
-        for i, (inputs, labels, prefix) in enumerate(micro):
+        for i, (inputs, labels, extra) in enumerate(micro):
             inputs, labels = inputs.to(self.device), labels.to(self.device)
-            prefix = prefix.to(self.device) if prefix is not None else None
+            extra = {k: v.to(self.device) for k, v in extra.items()}  # prefix length, masks, decoder inputs
             with dist_utils.no_sync(self.model, env, last=i == accum - 1), self._autocast():
-                logits = self.forward(inputs, prefix_len=prefix)
+                logits = self.forward(inputs, **extra)
                 loss = lm_loss(logits, labels, reduction="sum")
             self.scaler.scale(loss * env.world_size / n_global).backward()
             loss_sum += loss.detach()
@@ -292,15 +293,19 @@ class Trainer:
         total, count = 0.0, 0
         for _ in range(min(cfg.eval_batches, max(1, len(val) // (cfg.micro_batch_size * self.env.world_size)))):
             x, y = val.next_batch(cfg.micro_batch_size)
+            extra = {}
+            if cfg.objective in OBJECTIVE_ARCHITECTURE:  # encoders have no causal loss: score their own objective
+                x, y, extra = make_batch(cfg.objective, x, y, torch.Generator().manual_seed(cfg.seed),
+                                         self.raw_model.config.vocab_size, self.tokenizer)
             with self._autocast():
-                logits = self.forward(x.to(self.device))
+                logits = self.forward(x.to(self.device), **{k: v.to(self.device) for k, v in extra.items()})
             total += float(lm_loss(logits, y.to(self.device), reduction="sum"))
-            count += y.numel()
+            count += int((y != -100).sum())
         total = dist_utils.all_reduce_sum(total, self.env)
         count = dist_utils.all_reduce_sum(float(count), self.env)
         val_loss = total / count
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        if self.env.is_main and cfg.sample_tokens:
+        if self.env.is_main and cfg.sample_tokens and self.raw_model.config.architecture != "encoder":
             out["sample"] = self.sample()
         return out
 
@@ -418,15 +423,13 @@ class Trainer:
         if dist_utils.sharded(env, self.cfg):
             dist_utils.load_sharded(self.model, self.optimizer, path / "dcp", env, self.cfg)
         else:
-            from llmkit.checkpoint import from_hf_state_dict, hf_model_type
+            from llmkit.checkpoint import from_hf_state_dict, hf_model_type, tie_state_dict
 
             raw = {}
             for f in sorted(path.glob("model*.safetensors")):
                 raw.update(load_file(str(f), device=str(self.device)))
             cfg = self.raw_model.config
-            sd = from_hf_state_dict(raw, cfg, hf_model_type(cfg))
-            if cfg.tie_embeddings:  # the file stores the shared matrix once
-                sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+            sd = tie_state_dict(from_hf_state_dict(raw, cfg, hf_model_type(cfg)), cfg)
             self.raw_model.load_state_dict(sd)
             self.optimizer.load_state_dict(state["optimizer"])
         self._restore_loop(state, path)
