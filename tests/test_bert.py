@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM, BertConfig, BertForMaskedLM, \
-    BertForSequenceClassification
+    BertForSequenceClassification, BertModel, BertTokenizerFast
 
 import llmkit
 from llmkit.config import ModelConfig
@@ -96,6 +96,26 @@ def test_embeddings_ignore_padding():
     with torch.no_grad():
         alone, with_pad = model.embed(ids), model.embed(padded, mask)
     assert (alone - with_pad).abs().max() <= 1e-5
+
+
+def test_bert_checkpoint_is_a_rag_embedder(tmp_path):
+    from llmkit.rag.embed import load_embedder
+
+    words = [f"w{i}" for i in range(92)]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    hf_tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    hf_bert().save_pretrained(tmp_path / "bert")
+    hf_tok.save_pretrained(tmp_path / "bert")
+    texts = ["w1 w2 w3 w4 w5 w6", "w7 w8", "w9 w10 w11"]
+    embedder = load_embedder(str(tmp_path / "bert"))
+    got = torch.from_numpy(embedder.embed(texts))
+    ref = BertModel.from_pretrained(tmp_path / "bert").eval()
+    enc = hf_tok(texts, padding=True, return_tensors="pt")  # [CLS] ... [SEP], right-padded
+    with torch.no_grad():
+        h = ref(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    want = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    assert got.shape == (3, 32) and (got - want).abs().max() <= TOL
 
 
 def test_mlm_masking_proportions():

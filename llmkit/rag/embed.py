@@ -149,11 +149,13 @@ class OpenAIEmbedder(Embedder):
 
 def llmkit_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
                       max_tokens: int | None = None):
-    """Sentence embeddings from an llmkit model: final hidden states of `model.model` (the Backbone),
-    mean-pooled over the attention mask and L2-normalised. Returns a float32 CPU tensor [N, d_model].
+    """Sentence embeddings from an llmkit model: final hidden states of `model.model` (the Backbone; for an
+    encoder-decoder, its encoder), mean-pooled over the attention mask and L2-normalised. Returns a float32
+    CPU tensor [N, d_model].
 
     Texts longer than the model's context (or `max_tokens`) are truncated. Rows are right-padded: in a
-    causal model a real token never attends to the padding after it, so padding changes nothing.
+    causal model a real token never attends to the padding after it, and bidirectional models (BERT, T5)
+    get the attention mask, so padding changes nothing. Encoders read their special tokens ([CLS] ... [SEP]).
     """
     import torch
     import torch.nn.functional as F
@@ -163,8 +165,11 @@ def llmkit_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 
     device = next(model.parameters()).device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     out = torch.zeros(len(texts), model.config.d_model, dtype=torch.float32)
-    encoded = [tokenizer.encode(t)[:limit] or [tokenizer.eos_id if tokenizer.eos_id is not None else pad]
-               for t in texts]
+    architecture = getattr(model.config, "architecture", "decoder")
+    hidden_states = model.encode if architecture == "encoder-decoder" else model.model
+    special = architecture != "decoder"
+    encoded = [tokenizer.encode(t, add_special_tokens=special)[:limit]
+               or [tokenizer.eos_id if tokenizer.eos_id is not None else pad] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     with torch.inference_mode():
         for i in range(0, len(order), batch_size):
@@ -176,7 +181,7 @@ def llmkit_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 
                 ids[row, : len(encoded[j])] = torch.tensor(encoded[j])
                 mask[row, : len(encoded[j])] = 1
             ids, mask = ids.to(device), mask.to(device)
-            hidden = model.model(ids, mask if bool((mask == 0).any()) else None).float()  # [B,T,C]
+            hidden = hidden_states(ids, mask if bool((mask == 0).any()) else None).float()  # [B,T,C]
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
             out[idx] = F.normalize(pooled, dim=-1).cpu()
