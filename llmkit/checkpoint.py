@@ -480,7 +480,8 @@ def bert_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "initializer_range": cfg.init_std, "tie_word_embeddings": True,
     }
     if cfg.n_labels:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.n_labels)}
+        names = cfg.extra.get("labels") or [f"LABEL_{i}" for i in range(cfg.n_labels)]
+        out["id2label"] = dict(enumerate(names))
     return out
 
 
@@ -591,7 +592,7 @@ def rename_tensors(sd: dict[str, Tensor], model_type: str, to_hf: bool) -> dict[
                 key = (target.replace("{i}", layer[0]) if layer else target) + "." + kind
                 break
         out[key] = value
-    if to_hf and model_type == "bert":  # HF reads the output bias under its tied alias
+    if to_hf and "cls.predictions.decoder.bias" in out:  # HF reads BERT's output bias under its tied alias
         out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"]
     if to_hf and model_type == "t5" and not any(".wi_0." in k for k in out):  # ungated: T5 names it wi
         out = {k.replace(".DenseReluDense.wi_1.", ".DenseReluDense.wi."): v for k, v in out.items()}

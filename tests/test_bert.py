@@ -35,6 +35,12 @@ def hf_bert(cls=BertForMaskedLM, **kw):
     return model
 
 
+def word_tokenizer() -> BertTokenizerFast:
+    """A WordPiece tokenizer over the words w0 ... w91 after BERT's five special tokens (97 ids)."""
+    names = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(92))]
+    return BertTokenizerFast(vocab={name: i for i, name in enumerate(names)})
+
+
 def batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, (2, 11), generator=g)
@@ -101,9 +107,7 @@ def test_embeddings_ignore_padding():
 def test_bert_checkpoint_is_a_rag_embedder(tmp_path):
     from llmkit.rag.embed import load_embedder
 
-    words = [f"w{i}" for i in range(92)]
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    hf_tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    hf_tok = word_tokenizer()
     hf_bert().save_pretrained(tmp_path / "bert")
     hf_tok.save_pretrained(tmp_path / "bert")
     texts = ["w1 w2 w3 w4 w5 w6", "w7 w8", "w9 w10 w11"]
@@ -174,3 +178,31 @@ def test_pretraining_encoders_learns_resumes_and_loads_in_transformers(packed, t
 def test_objective_must_match_the_architecture(packed, tmp_path):
     with pytest.raises(ValueError, match="objective 'mlm' trains a encoder model"):
         Trainer(TrainConfig(model="tiny", objective="mlm", data=str(packed), seq_len=32, max_steps=1), tmp_path)
+
+
+def test_finetune_trains_a_sequence_classifier_from_an_mlm_checkpoint(tmp_path):
+    from llmkit.train.finetune import FinetuneConfig, FineTuner
+
+    hf_bert().save_pretrained(tmp_path / "bert")
+    word_tokenizer().save_pretrained(tmp_path / "bert")
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(120):  # "low" texts use the words w0-w39, "high" ones w50-w89
+        label = ("low", "high")[i % 2]
+        ids = (torch.randint(0, 40, (6,), generator=rng) + (50 if label == "high" else 0)).tolist()
+        lines.append(json.dumps({"text": " ".join(f"w{i}" for i in ids), "label": label}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = FinetuneConfig(model=str(tmp_path / "bert"), data=str(tmp_path / "train.jsonl"), method="full",
+                         max_steps=60, micro_batch_size=8, lr=3e-3, eval_every=0, save_every=60, warmup_steps=5,
+                         val_fraction=0.2, eval_batches=10)
+    tuner = FineTuner(cfg, tmp_path / "run")
+    start = tuner.evaluate()["val_loss"]
+    final = tuner.fit()
+    assert final["val_loss"] < start - 0.3
+    model, tok = llmkit.load(tmp_path / "run" / "model")
+    assert model.config.n_labels == 2 and model.config.extra["labels"] == ["high", "low"]
+    ref = BertForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    assert ref.config.id2label == {0: "high", 1: "low"}
+    enc = BertTokenizerFast.from_pretrained(tmp_path / "bert")(["w0 w5 w9", "w3 w4 w5"], return_tensors="pt")
+    with torch.no_grad():
+        assert (ref(**enc).logits - model.classify(enc["input_ids"], enc["attention_mask"])).abs().max() <= TOL

@@ -122,3 +122,28 @@ def test_span_corruption_statistics():
         n += len(tokens)
     assert abs(noise / n - 0.15) < 0.005
     assert abs(noise / spans - 3.0) < 0.1
+
+
+def test_finetune_trains_t5_on_prompt_reply_records(tmp_path):
+    import json
+    from pathlib import Path
+
+    from llmkit.tokenizer import CHAT_TEMPLATES, train_tokenizer
+    from llmkit.train.finetune import FinetuneConfig, FineTuner
+
+    alpaca = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_2k.jsonl"
+    records = alpaca.read_text().splitlines()[:40]
+    (tmp_path / "sft.jsonl").write_text("\n".join(records) + "\n")
+    (tmp_path / "corpus.txt").write_text("\n".join(json.loads(r)["output"] for r in records))
+    tok = train_tokenizer([tmp_path / "corpus.txt"], "byte-bpe", 300, chat_template=CHAT_TEMPLATES["chatml"])
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-t5", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
+                                  eos_token_id=tok.eos_id, decoder_start_token_id=tok.pad_id)
+    llmkit.save(EncoderDecoder(cfg), tok, tmp_path / "t5")
+    run = FineTuner(FinetuneConfig(model=str(tmp_path / "t5"), data=str(tmp_path / "sft.jsonl"), method="full",
+                                   max_seq_len=96, micro_batch_size=4, max_steps=30, lr=3e-3, eval_every=0,
+                                   save_every=30, warmup_steps=3, val_fraction=0.2), tmp_path / "run")
+    assert run.task == "seq2seq"
+    start = run.evaluate()["val_loss"]
+    assert run.fit()["val_loss"] < start - 1.0
+    assert T5ForConditionalGeneration.from_pretrained(tmp_path / "run" / "model") is not None

@@ -270,9 +270,10 @@ class SFTBatches:
     """
 
     def __init__(self, examples: list[SFTExample], batch_size: int, seq_len: int, pad_id: int = 0,
-                 pack: bool = False, shuffle: bool = True, seed: int = 0):
+                 pack: bool = False, shuffle: bool = True, seed: int = 0, collate_fn=None):
         if not examples:
             raise DataError("no examples to batch")
+        self.collate_fn = collate_fn or collate  # collate_classification for labelled texts
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.pad_id, self.pack, self.shuffle, self.seed = pad_id, pack, shuffle, seed
         self.epoch, self.cursor = 0, 0
@@ -300,7 +301,7 @@ class SFTBatches:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         rows = [self._packed_row() if self.pack else [self._next_example()] for _ in range(self.batch_size)]
-        return collate(rows, self.seq_len if self.pack else None, self.pad_id)
+        return self.collate_fn(rows, self.seq_len if self.pack else None, self.pad_id)
 
     def _packed_row(self) -> list[SFTExample]:
         row = [self._next_example()]
@@ -346,3 +347,60 @@ def collate(rows: list[list[SFTExample]], seq_len: int | None, pad_id: int) -> d
             segments[b, t: t + n] = s
             t += n
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "segment_ids": segments}
+
+
+# ----------------------------------------------------------------------------- sequence classification
+
+
+def classification_labels(files: list[str] | str) -> list[str]:
+    """The sorted label names of classification records {"text": ..., "label": ...} (numbers sort numerically)."""
+    seen = set()
+    for rec, where in _iter_json_records(files):
+        if "label" not in rec or not isinstance(rec.get("text"), str):
+            raise DataError(f"{where}: a classification record needs a string 'text' and a 'label'")
+        seen.add(rec["label"])
+    if not seen:
+        raise DataError(f"{', '.join(_as_list(files))}: no classification record")
+    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in seen)
+    return [str(v) for v in sorted(seen, key=(lambda v: v) if numeric else str)]
+
+
+def load_classification(files: list[str] | str, tokenizer, max_seq_len: int,
+                        label_names: list[str]) -> list[SFTExample]:
+    """Tokenized texts (with the tokenizer's special tokens, e.g. [CLS] ... [SEP]) whose `labels` is [class id]."""
+    index = {name: i for i, name in enumerate(label_names)}
+    examples = []
+    for rec, where in _iter_json_records(files):
+        label = str(rec.get("label"))
+        if label not in index:
+            raise DataError(f"{where}: label {rec.get('label')!r} is not one of the model's labels {label_names}")
+        ids = tokenizer.encode(rec["text"], add_special_tokens=True)[:max_seq_len] or [tokenizer.pad_id or 0]
+        examples.append(SFTExample(ids, [index[label]], where))
+    return examples
+
+
+def collate_classification(rows: list[list[SFTExample]], seq_len: int | None, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and segment_ids [B,T] (1 on real tokens), class labels [B]."""
+    examples = [e for row in rows for e in row]
+    T = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    segments = torch.zeros((len(examples), T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        input_ids[b, : len(e)] = torch.tensor(e.input_ids)
+        segments[b, : len(e)] = 1
+    return {"input_ids": input_ids, "segment_ids": segments, "labels": torch.tensor([e.labels[0] for e in examples])}
+
+
+def _iter_json_records(files: list[str] | str) -> Iterator[tuple[dict, str]]:
+    for chunk in read_chunks(expand_inputs(_as_list(files)), unit="paragraph"):
+        if chunk.fmt == "txt":
+            raise DataError(f"{chunk.path}: classification data must be JSONL records with 'text' and 'label'")
+        for line, raw in zip(chunk.lines, chunk.raw):
+            where = f"{chunk.path}:{line}"
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{where}: not a valid JSON line ({e})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            yield rec, where

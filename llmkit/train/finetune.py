@@ -30,12 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from llmkit import peft
 from llmkit.card import append_card_section, model_card, write_card
-from llmkit.data.sft import SFTBatches, collate, load_sft, split_val
+from llmkit.data.sft import (SFTBatches, SFTStats, classification_labels, collate_classification, load_classification,
+                             load_sft, split_val)
 from llmkit.train import distributed as dist_utils
-from llmkit.train.objectives import IGNORE, lm_loss
+from llmkit.train.objectives import IGNORE, lm_loss, shift_right
 from llmkit.train.optim import build_optimizer, lr_multiplier
 from llmkit.train.finetune_commands import DEFAULT_TARGETS, FinetuneConfig  # noqa: F401  (FinetuneConfig: API)
 from llmkit.train.trainer import STEP_DIR, Trainer, TrainError
@@ -71,6 +73,7 @@ class FineTuner(Trainer):
     """The pretraining loop over SFT batches and a method's trainable parameters (single process)."""
 
     stage = "finetune"
+    task = "lm"  # set by _load_model: "lm", "classify" (encoders) or "seq2seq" (encoder-decoders)
 
     def __init__(self, cfg: FinetuneConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                  on_step: Callable[[int, dict], None] | None = None):
@@ -120,10 +123,40 @@ class FineTuner(Trainer):
     # -- setup
 
     def _load_model(self):
-        """(model, tokenizer) to train: the --model checkpoint (distillation may build one from a preset)."""
+        """(model, tokenizer) to train: the --model checkpoint (distillation may build one from a preset).
+
+        A decoder learns its SFT data (task "lm"); an encoder (BERT) learns to classify labelled texts
+        ("classify"); an encoder-decoder (T5) maps each prompt to its reply ("seq2seq")."""
         from llmkit.checkpoint import load
 
-        return load(self.cfg.model)
+        model, tok = load(self.cfg.model)
+        self.task = {"decoder": "lm", "encoder": "classify", "encoder-decoder": "seq2seq"}[model.config.architecture]
+        if self.task != "lm" and (self.cfg.method != "full" or self.cfg.pack):
+            raise TrainError(f"{self.cfg.model}: {model.config.architecture} models are fine-tuned with --method full "
+                             "and without --pack")
+        if self.task == "classify":
+            model = self._with_classifier(model)
+        return model, tok
+
+    def _with_classifier(self, model):
+        """The encoder with a classification head over the data's labels (a fresh head, as HF's
+        BertForSequenceClassification.from_pretrained gives an MLM checkpoint)."""
+        import dataclasses
+
+        from llmkit.model import Encoder
+
+        self.label_names = classification_labels([f.strip() for f in self.cfg.data.split(",") if f.strip()])
+        cfg = model.config
+        if cfg.n_labels:
+            known = cfg.extra.get("labels") or [str(i) for i in range(cfg.n_labels)]
+            if known != self.label_names:
+                raise TrainError(f"{self.cfg.data}: labels {self.label_names} differ from the model's {known}")
+            return model
+        torch.manual_seed(self.cfg.seed)
+        classifier = Encoder(dataclasses.replace(cfg, n_labels=len(self.label_names),
+                                                 extra={**cfg.extra, "labels": self.label_names}))
+        classifier.load_state_dict(model.state_dict(), strict=False)  # all but the new pooler and classifier
+        return classifier
 
     def _base_model(self):
         return getattr(self.raw_model, "base", self.raw_model)
@@ -141,15 +174,22 @@ class FineTuner(Trainer):
         cfg, tok = self.cfg, self.tokenizer
         files = [f.strip() for f in cfg.data.split(",") if f.strip()]
         options = dict(format=cfg.format, train_on_prompt=cfg.train_on_prompt, system_prompt=cfg.system_prompt or None)
-        examples, self.data_stats = load_sft(files, tok, cfg.max_seq_len, **options)
+        if self.task == "classify":
+            def read(names, verbose=True):
+                examples = load_classification(names, tok, cfg.max_seq_len, self.label_names)
+                return examples, SFTStats(records=len(examples), tokens=sum(map(len, examples)))
+        else:
+            def read(names, verbose=True):
+                return load_sft(names, tok, cfg.max_seq_len, verbose=verbose, **options)
+        examples, self.data_stats = read(files)
         if cfg.val_data:
-            val, _ = load_sft([f.strip() for f in cfg.val_data.split(",")], tok, cfg.max_seq_len, verbose=False,
-                              **options)
+            val, _ = read([f.strip() for f in cfg.val_data.split(",")], verbose=False)
             train = examples
         else:
             train, val = split_val(examples, cfg.val_fraction, cfg.seed)
         pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-        batches = SFTBatches(train, cfg.micro_batch_size, cfg.max_seq_len, pad, pack=cfg.pack, seed=cfg.seed)
+        batches = SFTBatches(train, cfg.micro_batch_size, cfg.max_seq_len, pad, pack=cfg.pack, seed=cfg.seed,
+                             collate_fn=collate_classification if self.task == "classify" else None)
         return batches, val
 
     # -- the loop
@@ -174,8 +214,24 @@ class FineTuner(Trainer):
         return self.train_data.next_batch()
 
     def _batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed loss over the batch's labelled tokens (distillation swaps in its divergences)."""
-        return lm_loss(self.logits(batch), batch["labels"].to(self.device), reduction="sum")
+        """Summed training loss over the batch's labels (distillation swaps in its divergences)."""
+        return self._task_loss(batch)
+
+    def _task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy over the batch's labels: next tokens, classes, or a seq2seq model's targets."""
+        labels = batch["labels"].to(self.device)
+        if self.task == "classify":
+            mask = (batch["segment_ids"] > 0).long().to(self.device)
+            logits = self.raw_model.classify(batch["input_ids"].to(self.device), mask)
+            return F.cross_entropy(logits.float(), labels, reduction="sum")
+        if self.task == "seq2seq":
+            pad = self.train_data.pad_id
+            inputs, mask, targets = split_prompt_reply(batch, pad)
+            start = self.raw_model.config.decoder_start_token_id
+            logits = self.forward(inputs.to(self.device), mask.to(self.device),
+                                  decoder_input_ids=shift_right(targets, pad if start is None else start).to(self.device))
+            return lm_loss(logits, targets.to(self.device), reduction="sum")
+        return lm_loss(self.logits(batch), labels, reduction="sum")
 
     def _after_update(self, record: dict) -> None:
         if self.allocator is not None:  # AdaLoRA reads the gradients of this step, after the update
@@ -220,10 +276,9 @@ class FineTuner(Trainer):
         total, count = 0.0, 0
         n = min(len(self.val_examples), cfg.eval_batches * cfg.micro_batch_size)
         for i in range(0, n, cfg.micro_batch_size):
-            batch = collate([[e] for e in self.val_examples[i: i + cfg.micro_batch_size]], None, pad)
+            batch = self.train_data.collate_fn([[e] for e in self.val_examples[i: i + cfg.micro_batch_size]], None, pad)
             with self._autocast():
-                logits = self.forward(batch["input_ids"].to(self.device))
-            total += float(lm_loss(logits, batch["labels"].to(self.device), reduction="sum"))
+                total += float(self._task_loss(batch))
             count += int((batch["labels"] != IGNORE).sum())
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
@@ -350,6 +405,24 @@ class FineTuner(Trainer):
             for line in path.read_text().splitlines():
                 found = json.loads(line).get("val_loss", found)
         return found
+
+
+def split_prompt_reply(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An SFT batch as a seq2seq model reads it: encoder inputs (each row's tokens up to its first target) with
+    their mask, and decoder targets (the labels from there on), both right-padded."""
+    inputs, targets = [], []
+    for ids, labels, segments in zip(batch["input_ids"], batch["labels"], batch["segment_ids"]):
+        n = int((segments > 0).sum())
+        first = int((labels[:n] != IGNORE).nonzero()[0])
+        if first == 0:
+            raise TrainError("an encoder-decoder learns replies to prompts: plain-text records have no prompt; "
+                             "use alpaca / messages records")
+        inputs.append(ids[: first + 1])
+        targets.append(labels[first:n])
+    pad_seq = torch.nn.utils.rnn.pad_sequence
+    mask = pad_seq([torch.ones_like(i) for i in inputs], batch_first=True)
+    return (pad_seq(inputs, batch_first=True, padding_value=pad_id), mask,
+            pad_seq(targets, batch_first=True, padding_value=IGNORE))
 
 
 def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
