@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.data.io import DataError, expand_inputs, read_chunks
+from llmkit.data.io import DataError, expand_inputs, iter_jsonl, read_chunks
 
 IGNORE = -100  # as llmkit.train.objectives.IGNORE (not imported: data must not pull in torch.nn.functional)
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text")
@@ -392,15 +392,11 @@ def collate_classification(rows: list[list[SFTExample]], seq_len: int | None, pa
 
 
 def _iter_json_records(files: list[str] | str) -> Iterator[tuple[dict, str]]:
-    for chunk in read_chunks(expand_inputs(_as_list(files)), unit="paragraph"):
-        if chunk.fmt == "txt":
-            raise DataError(f"{chunk.path}: classification data must be JSONL records with 'text' and 'label'")
-        for line, raw in zip(chunk.lines, chunk.raw):
-            where = f"{chunk.path}:{line}"
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{where}: not a valid JSON line ({e})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            yield rec, where
+    for path in expand_inputs(_as_list(files)):
+        if not path.endswith(".jsonl"):
+            raise DataError(f"{path}: classification data must be JSONL records with 'text' and 'label'")
+        with open(path, encoding="utf-8") as f:
+            for where, rec in iter_jsonl(f, path):
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                yield rec, where

@@ -141,10 +141,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: Generati
              pad_id: int = 0) -> list[list[int]]:
     """New token ids per prompt, up to and including the first EOS."""
     gen = gen or GenerationConfig()
-    if model.config.architecture == "encoder-decoder":  # the prompt is the encoder's input (T5)
-        steps = list(decode_seq2seq(model, prompts, gen, pad_id))
-    else:
-        steps = list(decode_tokens(model, prompts, gen, pad_id))
+    decode = decode_seq2seq if model.config.architecture == "encoder-decoder" else decode_tokens  # T5: prompt -> encoder
+    steps = list(decode(model, prompts, gen, pad_id))
     if not steps:
         return [[] for _ in prompts]
     out = torch.stack(steps, 1).tolist()
@@ -228,7 +226,8 @@ def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], gen:
     stops = StopMatcher(gen.stop)
     eos = set(gen.eos_token_ids)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    for token in decode_tokens(model, [ids], gen, pad):
+    decode = decode_seq2seq if model.config.architecture == "encoder-decoder" else decode_tokens
+    for token in decode(model, [ids], gen, pad):
         tok = int(token[0])
         if tok in eos:
             break
