@@ -171,3 +171,40 @@ def test_cli_with_a_preset_student(models, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["method"] == "kd"
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_distilled_student_beats_the_same_student_alone(tmp_path):
+    """Tiny Shakespeare: one student init, the same batches, with and without a trained teacher (a fast
+    version of benchmarks/distill_shakespeare.py)."""
+    from llmkit.train.finetune import FinetuneConfig, FineTuner
+
+    text = (DATA / "tinyshakespeare.txt").read_text()
+    for name, part in (("train", text[:300_000]), ("val", text[-40_000:])):
+        records, current = [], ""
+        for line in part.splitlines(keepends=True):
+            current += line
+            if len(current) >= 120:
+                records.append(json.dumps({"text": current}))
+                current = ""
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(records) + "\n")
+    (tmp_path / "train.txt").write_text(text[:300_000])
+    tok = train_tokenizer([tmp_path / "train.txt"], "byte-bpe", 300)
+    ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    data = dict(data=str(tmp_path / "train.jsonl"), val_data=str(tmp_path / "val.jsonl"), format="text",
+                max_seq_len=80, micro_batch_size=16, warmup_steps=10, eval_every=0, eval_batches=8, save_every=1000,
+                weight_decay=0.0)
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig.from_preset("tiny", n_layer=2, d_model=96, n_head=4, n_kv_head=4, d_ff=256, **ids))
+    llmkit.save(teacher, tok, tmp_path / "teacher-init")
+    teacher_val = FineTuner(FinetuneConfig(model=str(tmp_path / "teacher-init"), method="full", max_steps=200, lr=3e-3,
+                                           **data), tmp_path / "teacher").fit()["val_loss"]
+    torch.manual_seed(1)
+    student = Transformer(ModelConfig.from_preset("tiny", n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_ff=64, **ids))
+    llmkit.save(student, tok, tmp_path / "student-init")
+    alone = FineTuner(FinetuneConfig(model=str(tmp_path / "student-init"), method="full", max_steps=80, lr=5e-3,
+                                     **data), tmp_path / "alone").fit()["val_loss"]
+    distilled = Distiller(DistillConfig(teacher=str(tmp_path / "teacher" / "model"), student=str(tmp_path / "student-init"),
+                                        method="kd", alpha=0.9, temperature=1.0, max_steps=80, lr=5e-3, **data),
+                          tmp_path / "kd").fit()["val_loss"]
+    # measured: teacher 2.93, alone 3.366, distilled 3.301
+    assert teacher_val < alone and distilled < alone - 0.02
