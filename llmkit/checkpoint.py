@@ -417,7 +417,9 @@ def checkpoint_config(cfg: ModelConfig, model_type: str | None, dtype: torch.dty
                 "llmkit": cfg.to_dict()}
     hf = config_to_hf(cfg, model_type)
     llmkit_only = {k: v for k, v in cfg.to_dict().items() if k in LLMKIT_ONLY_FIELDS}
-    architecture = "BertForSequenceClassification" if model_type == "bert" and cfg.n_labels else HF_ARCHITECTURES[model_type]
+    architecture = HF_ARCHITECTURES[model_type]
+    if model_type == "bert" and cfg.n_labels:
+        architecture = "BertForSequenceClassification"
     return {"architectures": [architecture], **hf, "dtype": dtype_name, "llmkit": llmkit_only}
 
 
@@ -450,7 +452,8 @@ def tied_head_key(cfg: ModelConfig) -> str:
 def tie_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """A state dict read from a file that stores a tied matrix once, with the head's name filled in again."""
     if cfg.tie_embeddings:
-        sd[tied_head_key(cfg)] = sd["shared.weight" if cfg.architecture == "encoder-decoder" else "model.embed_tokens.weight"]
+        embedding = "shared.weight" if cfg.architecture == "encoder-decoder" else "model.embed_tokens.weight"
+        sd[tied_head_key(cfg)] = sd[embedding]
     return sd
 
 

@@ -123,9 +123,11 @@ class ModelConfig:
         _check_choice("mask", self.mask, MASKS)
         _check_choice("architecture", self.architecture, ARCHITECTURES)
         if self.architecture != "decoder" and self.mask != "bidirectional":
-            raise ConfigError(f"architecture {self.architecture!r} needs mask='bidirectional' (its encoder sees all tokens)")
+            raise ConfigError(f"architecture {self.architecture!r} needs mask='bidirectional' "
+                              "(its encoder sees all tokens)")
         if self.architecture == "encoder-decoder" and (self.norm_placement != "pre" or self.position != "relative"):
-            raise ConfigError("architecture 'encoder-decoder' is T5's: needs norm_placement='pre' and position='relative'")
+            raise ConfigError("architecture 'encoder-decoder' is T5's: needs norm_placement='pre' and "
+                              "position='relative'")
         if self.position == "relative" and self.architecture != "encoder-decoder":
             raise ConfigError("position 'relative' (T5 bias) is built for architecture 'encoder-decoder' only")
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "max_seq_len"):

@@ -651,7 +651,7 @@ class Encoder(nn.Module):
         return self.mlm_head(self.hidden_states(input_ids, attention_mask, token_type_ids))
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Sentence embeddings [B,C]: the mean of the real tokens' last hidden states (sentence-transformers' pooling)."""
+        """Sentence embeddings [B,C]: the mean of the real tokens' last hidden states (as sentence-transformers)."""
         h = self.hidden_states(input_ids, attention_mask)
         weight = torch.ones_like(input_ids, dtype=h.dtype) if attention_mask is None else attention_mask.to(h.dtype)
         return (h * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
@@ -743,7 +743,8 @@ class Stack(nn.Module):
         relative = k_pos[None, :] - q_pos[:, None]  # [T,S]
         buckets = relative_position_bucket(relative, not self.causal, cfg.relative_buckets, cfg.relative_max_distance)
         bias = self.relative_attention_bias(buckets).permute(2, 0, 1)[None].to(dtype)  # [1,H,T,S]
-        allowed = (relative <= 0)[None, None] if self.causal else torch.ones_like(relative, dtype=torch.bool)[None, None]
+        allowed = (relative <= 0) if self.causal else torch.ones_like(relative, dtype=torch.bool)
+        allowed = allowed[None, None]
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :S].bool()
         # finfo.min rather than -inf: a fully padded row stays finite, as in transformers

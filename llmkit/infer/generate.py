@@ -141,7 +141,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: Generati
              pad_id: int = 0) -> list[list[int]]:
     """New token ids per prompt, up to and including the first EOS."""
     gen = gen or GenerationConfig()
-    decode = decode_seq2seq if model.config.architecture == "encoder-decoder" else decode_tokens  # T5: prompt -> encoder
+    # an encoder-decoder (T5) reads the prompt with its encoder
+    decode = decode_seq2seq if model.config.architecture == "encoder-decoder" else decode_tokens
     steps = list(decode(model, prompts, gen, pad_id))
     if not steps:
         return [[] for _ in prompts]

@@ -60,7 +60,8 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float,
     return beta * kl(t, m) + (1 - beta) * kl(s, m)
 
 
-def topk_forward_kl(student_logits: Tensor, top_values: Tensor, top_indices: Tensor, temperature: float = 1.0) -> Tensor:
+def topk_forward_kl(student_logits: Tensor, top_values: Tensor, top_indices: Tensor,
+                    temperature: float = 1.0) -> Tensor:
     """KL(teacher || student) per position with the teacher renormalised over its top-k tokens [..., K]."""
     t = F.log_softmax(top_values.float() / temperature, dim=-1)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, top_indices.long())
@@ -240,7 +241,7 @@ class Distiller(FineTuner):
         path = self.out / "teacher_data.jsonl"
         if path.is_file():
             return path
-        cfg, tok = self.distill, self.teacher_tokenizer
+        cfg = self.distill
         records = list(iter_sft_records(cfg.data, cfg.format))
         lines, kept = [], 0
         for i in range(0, len(records), self.cfg.micro_batch_size):

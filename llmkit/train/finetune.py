@@ -228,8 +228,9 @@ class FineTuner(Trainer):
             pad = self.train_data.pad_id
             inputs, mask, targets = split_prompt_reply(batch, pad)
             start = self.raw_model.config.decoder_start_token_id
+            decoder_inputs = shift_right(targets, pad if start is None else start)
             logits = self.forward(inputs.to(self.device), mask.to(self.device),
-                                  decoder_input_ids=shift_right(targets, pad if start is None else start).to(self.device))
+                                  decoder_input_ids=decoder_inputs.to(self.device))
             return lm_loss(logits, targets.to(self.device), reduction="sum")
         return lm_loss(self.logits(batch), labels, reduction="sum")
 

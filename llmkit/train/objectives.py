@@ -62,7 +62,8 @@ def check_objective(objective: str, architecture: str) -> None:
     if architecture != wanted:
         raise ValueError(f"objective {objective!r} trains a {wanted} model, but the model's architecture is "
                          f"{architecture!r}; pick objective " +
-                         " or ".join(repr(o) for o in OBJECTIVES if OBJECTIVE_ARCHITECTURE.get(o, "decoder") == architecture))
+                         " or ".join(repr(o) for o in OBJECTIVES
+                                     if OBJECTIVE_ARCHITECTURE.get(o, "decoder") == architecture))
 
 
 def _token_id(tokenizer, names: tuple[str, ...], default: int) -> int:
