@@ -61,6 +61,9 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
     Stops after max_new_tokens or when every row has produced an EOS token.
     """
     gen.validate()
+    if model.config.architecture == "encoder":
+        raise ValueError("an encoder-only model (BERT) does not generate text: use it for embeddings, masked-token "
+                         "prediction or classification")
     device = model.lm_head.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
