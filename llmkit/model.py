@@ -735,6 +735,7 @@ class Stack(nn.Module):
         self.relative_attention_bias = nn.Embedding(config.relative_buckets, config.n_head)
         self.norm = make_norm(config)
         self.dropout = make_dropout(config.dropout)
+        self.gradient_checkpointing = False
 
     def bias(self, q_pos: Tensor, S: int, key_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
         """Additive mask [B|1,H,T,S]: the position bias, a large negative where a key is padding or in the future."""
@@ -760,7 +761,11 @@ class Stack(nn.Module):
         ctx = ForwardContext(None, None, self.bias(q_pos, S, key_mask, x.dtype), False, slots, kv_len)
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, memory[i], memory_mask) if self.causal else layer(x, ctx)
+            args = (x, ctx, memory[i], memory_mask) if self.causal else (x, ctx)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
         return self.dropout(self.norm(x))
 
 
@@ -825,7 +830,7 @@ class EncoderDecoder(nn.Module):
             layer.self_attn.kv_cache = None
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        raise ValueError("activation checkpointing is not built for encoder-decoder models")
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
     num_params = Transformer.num_params
 

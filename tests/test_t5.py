@@ -147,3 +147,16 @@ def test_finetune_trains_t5_on_prompt_reply_records(tmp_path):
     start = run.evaluate()["val_loss"]
     assert run.fit()["val_loss"] < start - 1.0
     assert T5ForConditionalGeneration.from_pretrained(tmp_path / "run" / "model") is not None
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = EncoderDecoder(ModelConfig.from_preset("tiny-t5", vocab_size=100)).train()
+    ids, mask, dec = batch()
+    model(ids, mask, decoder_input_ids=dec).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_activation_checkpointing(True)
+    model(ids, mask, decoder_input_ids=dec).sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
