@@ -186,7 +186,7 @@ def load_model_config(model: str) -> ModelConfig:
 
 
 def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters by kind; `total` equals `sum(p.numel() for p in Transformer(cfg).parameters())`."""
+    """Parameters by kind; `total` equals `sum(p.numel() for p in build_model(cfg).parameters())`."""
     C, F, H, K, D, L, V = cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_layer, cfg.vocab_size
     attn = C * H * D + 2 * C * K * D + H * D * C + (H * D + 2 * K * D if cfg.qkv_bias else 0) + (
         C if cfg.attn_out_bias else 0)
@@ -200,8 +200,20 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     positions = cfg.max_seq_len * C if cfg.position == "learned" else 0
     out = {"embedding": embed, "positions": positions, "attention": L * attn, "mlp": L * mlp,
            "norms": L * block_norms * norm + final_norm, "lm_head": head}
+    attn_linear, mlp_linear = C * H * D + 2 * C * K * D + H * D * C, (3 if cfg.gated else 2) * C * F
+    blocks_with_attn, blocks_with_mlp = L, L
+    if cfg.architecture == "encoder":  # BERT: token types, embedding norm; MLM head or pooler + classifier
+        n = cfg.n_labels
+        out["embedding"] += cfg.type_vocab_size * C
+        out["norms"] += norm if cfg.embed_norm else 0
+        out["lm_head"] = C * C + C + (C * n + n if n else norm + V + head)
+    elif cfg.architecture == "encoder-decoder":  # T5: decoder blocks add cross-attention and a third norm
+        Ld = cfg.n_decoder_layer
+        blocks_with_attn, blocks_with_mlp = L + 2 * Ld, L + Ld
+        out.update(positions=2 * cfg.relative_buckets * H, attention=blocks_with_attn * attn, mlp=blocks_with_mlp * mlp,
+                   norms=(2 * L + 3 * Ld + 2) * norm)
     out["total"] = sum(out.values())
-    out["linear_in_blocks"] = L * ((C * H * D + 2 * C * K * D + H * D * C) + (3 if cfg.gated else 2) * C * F)
+    out["linear_in_blocks"] = blocks_with_attn * attn_linear + blocks_with_mlp * mlp_linear
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmkit.config import PRESETS, ModelConfig
-from llmkit.model import Transformer
+from llmkit.model import build_model
 from llmkit.plan import (GB, PlanConfig, PlanError, activation_bytes, kv_cache_bytes, measure_training_memory,
                          param_breakdown, plan)
 
@@ -25,7 +25,7 @@ def test_zero_paper_table(zero, expected):
 def test_param_count_matches_built_model(name):
     cfg = ModelConfig.from_preset(name)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     built = sum(p.numel() for p in model.parameters())
     assert param_breakdown(cfg)["total"] == built == cfg.n_params
     assert plan(PlanConfig(model=name, tokens=1e9))["model"]["n_params"] == built
