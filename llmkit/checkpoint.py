@@ -320,6 +320,12 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     sd = from_hf_state_dict(raw, cfg, model_type)
     with torch.device("meta"):
         model = build_model(cfg)
+    quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if quantization is not None:  # quantised linears rebuilt from the saved tensors' shapes
+        from llmkit.infer.quantize import convert_for_loading
+
+        convert_for_loading(model, quantization, sd)
+        model.quantization_config = quantization
     tied = tied_head_key(cfg) if cfg.tie_embeddings else None
     expected = {k: v for k, v in model.state_dict().items() if k != tied}
     _check_tensors(path, sd, expected, origin)
