@@ -110,12 +110,14 @@ class Int8Linear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.scaled_input(x)
-        if x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
-            # fused int8 x activation matmul: streams 1 byte per weight (the point on a memory-bound decode)
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scales.to(x.dtype))
-            y = y.reshape(*x.shape[:-1], -1)
+        if x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+            # one token on a CPU: inductor fuses cast, product and sum into one pass over the int8 bytes
+            # (measured 3x faster than the fp32 matvec; aten's _weight_int8pack_mm was 4x slower than fp32 here)
+            y = (x.unsqueeze(-2) * self.qweight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        # scale after the matmul (gpt-fast's form): torch.compile fuses the int8 -> dtype cast into the matmul
+        y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -135,8 +137,32 @@ class Int4Linear(QuantLinear):
         return (codes - self.zeros.to(dtype).repeat_interleave(g, 1)) * self.scales.to(dtype).repeat_interleave(g, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.scaled_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(self.scaled_input(x), self.dequantize(x.dtype), bias)
+        if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            packed, scales_zeros = self._cpu_kernel_weights(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, self.group_size,
+                                                           scales_zeros).reshape(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def _cpu_kernel_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The CPU int4 kernel's layout, built once per weight/dtype (not saved: the checkpoint keeps the plain one).
+
+        The kernel computes (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale gives our (q - zero) * scale.
+        """
+        if torch.compiler.is_compiling():  # traced: inductor's freezing folds the repacking into a constant
+            return self._repack_for_cpu(dtype)
+        key = (self.qweight.data_ptr(), dtype)
+        if getattr(self, "_cpu_cache_key", None) != key:
+            self._cpu_cache, self._cpu_cache_key = self._repack_for_cpu(dtype), key
+        return self._cpu_cache
+
+    def _repack_for_cpu(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qweight).to(torch.int32), 1)
+        scale = self.scales.float()
+        zero_f = (8 - self.zeros.float()) * scale
+        return packed, torch.stack([scale.T, zero_f.T], -1).contiguous().to(dtype)
 
 
 class W8A8Linear(Int8Linear):
