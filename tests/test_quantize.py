@@ -65,7 +65,7 @@ def test_int4_group_wise_error_and_packing(group_size):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_round_to_nearest_on_calibration_inputs(act_order):
-    layer, X = layer_and_inputs()
+    layer, X = layer_and_inputs(n_in=192)  # wider than one 128-column block: the lazy updates are used
     H = 2 * X.T @ X / len(X)
     gptq = gptq_int4(layer, H, 32, act_order=act_order)
     rtn = rtn_int4(layer, 32)
