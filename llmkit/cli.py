@@ -256,7 +256,8 @@ STAGES: dict[str, Command] = {
 # jsonargparse at the top, the heavy work inside their handlers, so --help stays fast
 COMMAND_MODULES: list[str] = ["llmkit.data.pack_cli", "llmkit.train.commands", "llmkit.data.commands",
                                "llmkit.eval.commands", "llmkit.rag.commands", "llmkit.train.finetune_commands",
-                               "llmkit.train.distill_commands", "llmkit.infer.quantize_commands"]
+                               "llmkit.train.distill_commands", "llmkit.infer.quantize_commands",
+                               "llmkit.align.commands"]
 
 
 def all_commands() -> dict[str, Command]:

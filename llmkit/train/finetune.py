@@ -94,8 +94,7 @@ class FineTuner(Trainer):
         # QLoRA on a GPU: the frozen base goes over in bf16 and is quantised there (bitsandbytes when installed)
         dtype = torch.bfloat16 if cfg.method == "qlora" and self.device.type == "cuda" else torch.float32
         model = model.to(self.device, dtype)
-        if self.peft_config is not None:
-            model = peft.apply(model, self.peft_config, self.tokenizer)
+        model = self._apply_method(model)
         self.raw_model = self.model = self.forward = model
         if cfg.activation_checkpointing:
             self._base_model().set_activation_checkpointing(True)
@@ -157,6 +156,11 @@ class FineTuner(Trainer):
                                                  extra={**cfg.extra, "labels": self.label_names}))
         classifier.load_state_dict(model.state_dict(), strict=False)  # all but the new pooler and classifier
         return classifier
+
+    def _apply_method(self, model):
+        """The model with the method's adapter injected (as it is for full fine-tuning); alignment keeps its
+        reward and value heads trainable here."""
+        return model if self.peft_config is None else peft.apply(model, self.peft_config, self.tokenizer)
 
     def _base_model(self):
         return getattr(self.raw_model, "base", self.raw_model)
@@ -340,13 +344,17 @@ class FineTuner(Trainer):
             set_rank_masks(self.raw_model, state["adalora"]["masks"])
 
     def _load_weights(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
         if self.peft_config is None:
             from llmkit.checkpoint import load_model
 
             self.raw_model.load_state_dict(load_model(path, self.device).state_dict())
             return
+        self._load_trainable(path)
+
+    def _load_trainable(self, path: Path) -> None:
+        """Copy the checkpoint's trainable.safetensors into the trainable parameters, refusing a different set."""
+        from safetensors.torch import load_file
+
         saved = load_file(str(path / TRAINABLE_FILE), device=str(self.device))
         expected = self._trainable_state()
         if set(saved) != set(expected):
