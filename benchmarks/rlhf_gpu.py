@@ -14,7 +14,8 @@ prompt at temperature 1 (a random model rarely samples EOS; the mean reply token
   trl-grpo-lora / -full   TRL's GRPOTrainer on the same checkpoint, reward model, batch and options
                           (loss_type grpo, beta 0.02, no gradient checkpointing, HF generate)
 TRL 1.x has no PPOTrainer any more, so PPO has no TRL row. A llmkit step is the trainer's own `_train_step`
-(rollout with decode_tokens: batched, left-padded, static KV cache; scoring; one epoch of updates), timed
+(rollout with decode_tokens: batched, left-padded, static KV cache, in the fp32 weights with TF32 matmuls;
+scoring and one epoch of updates under bf16 autocast), timed
 after --warmup untimed steps; rollout_tokens_per_s is reply tokens over the sampling time alone (from the
 step's record); for TRL, step times come from a callback and tokens/s is reply tokens over the step time.
 peak_mem_gib: torch.cuda.max_memory_allocated. A failing variant reports {"error": ...}. stdout holds one
@@ -143,9 +144,9 @@ def run_trl(name: str, world: dict, args, out: Path) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
 
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(world["policy"], dtype=dtype)
-    rm = transformers.AutoModelForSequenceClassification.from_pretrained(world["rm"], dtype=dtype)
+    # fp32 weights under bf16 autocast (bf16=True), as the llmkit trainers hold them
+    model = transformers.AutoModelForCausalLM.from_pretrained(world["policy"], dtype=torch.float32)
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(world["rm"], dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(world["policy"])
     config = GRPOConfig(output_dir=str(out / name), per_device_train_batch_size=args.prompts,
                         num_generations=args.group, max_completion_length=args.new_tokens,
@@ -183,6 +184,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
+    torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast (llmkit's sampling)
     if args.tiny:
         args.prompt_len, args.new_tokens = min(args.prompt_len, 16), min(args.new_tokens, 16)
     results: dict = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,

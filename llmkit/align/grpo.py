@@ -40,7 +40,7 @@ class GRPOTrainer(AlignTrainer):
         self.reference = self._load_reference() if self.has_reference else None
         self.reward = RewardSource(cfg.reward_model, cfg.reward_fn, self.tokenizer, self.device)
         self.sampler = Sampler(cfg, self.tokenizer, self.reward,
-                               lambda policy: self.reference_mode(policy, self.reference), self.device)
+                               lambda policy: self.reference_mode(policy, self.reference), self._autocast)
 
     def _load_data(self):
         return self._load_prompt_data()

@@ -66,7 +66,7 @@ class PPOTrainer(AlignTrainer):
         self.reference = self._load_reference()
         self.reward = RewardSource(cfg.reward_model, cfg.reward_fn, self.tokenizer, self.device)
         self.sampler = Sampler(cfg, self.tokenizer, self.reward,
-                               lambda policy: self.reference_mode(policy, self.reference), self.device)
+                               lambda policy: self.reference_mode(policy, self.reference), self._autocast)
 
     # -- setup
 

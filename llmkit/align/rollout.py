@@ -102,9 +102,10 @@ class RewardSource:
 class Sampler:
     """Samples replies from the policy and gathers log-probs and rewards: the experience of one step."""
 
-    def __init__(self, cfg, tokenizer, reward: RewardSource, reference_mode, device):
-        self.cfg, self.tokenizer, self.reward, self.device = cfg, tokenizer, reward, device
+    def __init__(self, cfg, tokenizer, reward: RewardSource, reference_mode, autocast):
+        self.cfg, self.tokenizer, self.reward = cfg, tokenizer, reward
         self.reference_mode = reference_mode  # the trainer's: (policy) -> context yielding the reference model
+        self.autocast = autocast  # the trainer's precision context: sampling and scoring compute as updates do
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
         self.eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
 
@@ -138,10 +139,18 @@ class Sampler:
 
     @torch.no_grad()
     def collect(self, policy: nn.Module, examples: list[PromptExample], seed: int, need_reference: bool) -> Rollout:
-        """Sample one reply per example (repeat examples for groups) and score the replies."""
-        cfg, micro = self.cfg, self.cfg.micro_batch_size
+        """Sample one reply per example (repeat examples for groups) and score the replies.
+
+        Sampling computes in the weights' dtype (the static KV cache is allocated in it); log-probs, values and
+        reward-model scores in the trainer's precision, the one the updates use, so the first update's
+        probability ratios are exactly 1."""
         sequences, attention_mask, reply_mask, P = self.sample(policy, [e.prompt for e in examples], seed)
-        n = len(examples)
+        with self.autocast():
+            return self._score(policy, examples, sequences, attention_mask, reply_mask, P, need_reference)
+
+    def _score(self, policy: nn.Module, examples: list[PromptExample], sequences: Tensor, attention_mask: Tensor,
+               reply_mask: Tensor, P: int, need_reference: bool) -> Rollout:
+        cfg, micro, n = self.cfg, self.cfg.micro_batch_size, len(examples)
 
         def logprobs_of(model):
             return chunked(lambda rows: reply_logprobs(model, sequences[rows], attention_mask[rows], P,

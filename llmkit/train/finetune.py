@@ -99,7 +99,7 @@ class FineTuner(Trainer):
         if cfg.activation_checkpointing:
             self._base_model().set_activation_checkpointing(True)
         self.report = peft.trainable_report(model)
-        print(f"llmkit finetune: {cfg.method}: {peft.format_report(self.report)}", file=sys.stderr)
+        print(f"llmkit {self.stage}: {cfg.method}: {peft.format_report(self.report)}", file=sys.stderr)
         self.optimizer = build_optimizer(model, cfg.optimizer, cfg.peak_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                          cfg.eps, cfg.momentum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(

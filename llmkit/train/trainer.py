@@ -481,4 +481,7 @@ def _postfix(record: dict) -> dict:
         out["val"] = f"{record['val_loss']:.4f}"
     if "mfu" in record:
         out["mfu"] = f"{record['mfu']:.1%}"
+    for key in ("reward_mean", "kl", "val_reward", "val_accuracy"):  # alignment runs (llmkit/align)
+        if key in record:
+            out[key.removesuffix("_mean")] = f"{record[key]:.3f}"
     return out
