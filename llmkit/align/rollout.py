@@ -46,8 +46,6 @@ class Rollout:
 
     def kl_per_sequence(self) -> Tensor:
         """Sum over each reply of log pi - log pi_ref (the k1 estimate of KL(pi || pi_ref) of that sample)."""
-        if self.ref_logprobs is None:
-            return torch.zeros_like(self.scores)
         return ((self.logprobs - self.ref_logprobs) * self.response_mask).sum(1)
 
 

@@ -245,10 +245,13 @@ class AlignTrainer(FineTuner):
 
     @staticmethod
     def rollout_stats(rollout) -> dict[str, float]:
+        """Reward mean/std, reply length and, with a reference, the mean KL of a reply (nats)."""
         scores = rollout.scores
-        return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-                "kl": float(rollout.kl_per_sequence().mean()),
-                "response_len": float(rollout.response_mask.sum(1).mean())}
+        out = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+               "response_len": float(rollout.response_mask.sum(1).mean())}
+        if rollout.ref_logprobs is not None:
+            out["kl"] = float(rollout.kl_per_sequence().mean())
+        return out
 
     # -- checkpoints: every trainable tensor, whatever the method
 
