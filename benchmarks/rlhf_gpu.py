@@ -25,6 +25,7 @@ JSON object only; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -162,7 +163,8 @@ def run_trl(name: str, world: dict, args, out: Path) -> dict:
     dataset = Dataset.from_list([{"prompt": p} for p in world["prompt_texts"]])
     trainer = GRPOTrainer(model=model, reward_funcs=rm, args=config, train_dataset=dataset, processing_class=tok,
                           reward_processing_classes=tok, peft_config=peft_config, callbacks=[StepTimes()])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # transformers prints its log dicts on stdout
+        trainer.train()
     timed = times[args.warmup:]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     reply_tokens = lengths[-1] * args.prompts
