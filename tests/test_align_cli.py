@@ -15,7 +15,7 @@ from llmkit.align.rewards import exact_answer, load_reward_fn
 from llmkit.cli import main
 from llmkit.config import ModelConfig
 from llmkit.data.io import DataError
-from llmkit.model import Transformer
+from llmkit.model import Transformer, build_model
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_2k.jsonl"
 
@@ -164,6 +164,10 @@ def test_align_cli_end_to_end(tmp_path, capsys):
     # bad input: one line naming the problem, exit 2
     assert main(["align", "ppo", "--model", base, "--data", prompts, "--out", str(tmp_path / "x")]) == 2
     assert "needs exactly one reward source" in capsys.readouterr().err
+    bert = llmkit.save(build_model(ModelConfig.from_preset("tiny-bert", vocab_size=tok.vocab_size)), tok,
+                       tmp_path / "bert")
+    assert main(["align", "rm", "--model", str(bert), "--data", prefs, "--out", str(tmp_path / "z")]) == 2
+    assert "align rm trains decoder-only models, got encoder" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     assert main(["align", "dpo", "--model", base, "--data", str(bad), "--out", str(tmp_path / "y")]) == 2

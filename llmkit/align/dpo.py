@@ -23,7 +23,6 @@ from torch import Tensor
 from llmkit.align.data import RankedExample, collate_ranked, pairs_of
 from llmkit.align.losses import dpo_loss
 from llmkit.align.trainer import AlignTrainer, sequence_logps
-from llmkit.train.trainer import TrainError
 
 
 class DPOTrainer(AlignTrainer):
@@ -33,8 +32,6 @@ class DPOTrainer(AlignTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.raw_model.config.architecture != "decoder":
-            raise TrainError(f"{self.align.model}: DPO trains decoder-only policies")
         self.reference = self._load_reference()
         if self.align.precompute_ref:
             self._precompute_reference()

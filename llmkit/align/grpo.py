@@ -23,7 +23,6 @@ from torch import Tensor
 from llmkit.align.losses import group_advantages, grpo_loss, masked_mean
 from llmkit.align.rollout import RewardSource, Sampler, reply_logprobs
 from llmkit.align.trainer import AlignTrainer
-from llmkit.train.trainer import TrainError
 
 
 class GRPOTrainer(AlignTrainer):
@@ -33,8 +32,6 @@ class GRPOTrainer(AlignTrainer):
 
     def __init__(self, cfg, out, resume: bool = False, overwrite: bool = False, on_step=None):
         super().__init__(cfg, out, resume, overwrite, on_step)
-        if self.raw_model.config.architecture != "decoder":
-            raise TrainError(f"{cfg.model}: GRPO trains decoder-only policies")
         # a reference is needed for the KL term; with adapters it costs nothing, so it is kept for the logs too
         self.has_reference = cfg.kl_coef > 0 or self.peft_config is not None
         self.reference = self._load_reference() if self.has_reference else None

@@ -36,7 +36,6 @@ from llmkit.align.reward import RewardModel, load_reward_model
 from llmkit.align.rollout import RewardSource, Sampler, chunked, reply_logprobs, shared_copy
 from llmkit.align.trainer import AlignTrainer
 from llmkit.train.objectives import lm_loss
-from llmkit.train.trainer import TrainError
 
 
 class ActorCritic(nn.Module):
@@ -71,13 +70,8 @@ class PPOTrainer(AlignTrainer):
     # -- setup
 
     def _load_model(self):
-        from llmkit.checkpoint import load
-
         cfg = self.align
-        policy, tok = load(cfg.model)
-        if policy.config.architecture != "decoder":
-            raise TrainError(f"{cfg.model}: PPO trains decoder-only policies")
-        self.task = "lm"
+        policy, tok = super()._load_model()
         torch.manual_seed(cfg.seed)  # the critic's fresh value head
         if cfg.method != "full":  # the critic's backbone is the actor's own frozen base
             critic = RewardModel.from_backbone(shared_copy(policy.model))

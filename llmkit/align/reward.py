@@ -27,7 +27,6 @@ from llmkit.align.losses import ranking_accuracy, ranking_loss
 from llmkit.align.trainer import AlignTrainer, atomic_directory
 from llmkit.config import ModelConfig
 from llmkit.model import Backbone
-from llmkit.train.trainer import TrainError
 
 SEQ_CLS_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
                          "qwen2": "Qwen2ForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
@@ -172,16 +171,12 @@ class RewardTrainer(AlignTrainer):
         return "model"  # a reward model is always a whole directory (adapters are merged in)
 
     def _load_model(self):
-        from llmkit.checkpoint import load
-
         cfg = self.align
-        self.task = "reward"
         if is_reward_model(cfg.model):  # continue training a reward model
+            self.task = "reward"
             return load_reward_model(cfg.model)
-        lm, tok = load(cfg.model)
-        if lm.config.architecture != "decoder":
-            raise TrainError(f"{cfg.model}: reward models are built on decoder-only models, got "
-                             f"{lm.config.architecture}")
+        lm, tok = super()._load_model()
+        self.task = "reward"
         torch.manual_seed(cfg.seed)
         return RewardModel.from_backbone(lm.model), tok
 

@@ -53,6 +53,17 @@ class AlignTrainer(FineTuner):
 
     # -- setup
 
+    def _load_model(self):
+        """(policy, tokenizer) from --model: a decoder-only checkpoint (llmkit or Hugging Face)."""
+        from llmkit.checkpoint import load
+
+        model, tok = load(self.align.model)
+        if model.config.architecture != "decoder":
+            raise TrainError(f"{self.align.model}: align {self.algorithm} trains decoder-only models, got "
+                             f"{model.config.architecture}")
+        self.task = "lm"
+        return model, tok
+
     def _apply_method(self, model: nn.Module) -> nn.Module:
         return self.unfreeze_heads(super()._apply_method(model))
 
