@@ -2,22 +2,18 @@
 (malformed JSON reported, not raised); a forced call decoded by a tiny random model always parses and validates."""
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 import transformers
 
 from llmkit.agents.tools import (Tool, ToolError, format_tool_call, forced_tool_processor, function_tool,
                                  parse_tool_calls, render_chat, select_tool, tool_call_processor, tools_prompt)
-from llmkit.config import ModelConfig
 from llmkit.infer.generate import GenerationConfig, generate
 from llmkit.infer.sampling import SamplingParams
-from llmkit.model import Transformer
-from llmkit.tokenizer import LLAMA_TEMPLATE, Tokenizer, train_tokenizer
+from llmkit.tokenizer import LLAMA_TEMPLATE, Tokenizer
+from test_structured import model, tok  # noqa: F401  (the same tiny tokenizer and random model)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 WEATHER = {"type": "function", "function": {
     "name": "weather", "description": "Current weather <in> a city & unit",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
@@ -42,17 +38,6 @@ def add(a: int, b: int = 2) -> int:
 
     Longer notes that stay out of the description."""
     return a + b
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer([DATA], type="byte-bpe", vocab_size=600)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=1024)).eval()
 
 
 @pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[1:2]])

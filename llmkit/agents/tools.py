@@ -43,6 +43,9 @@ class Tool:
     description: str
     parameters: dict  # JSON Schema of the arguments object
     fn: Callable[..., Any] | None = None
+    # results from outside (documents, web pages, user code) are quoted as data and checked for prompt
+    # injection by the agent; a pure function of its arguments (the calculator) may be trusted
+    trusted: bool = False
 
     def spec(self) -> dict:
         """The OpenAI `tools` entry."""

@@ -20,8 +20,9 @@ from typing import Any, Protocol, Union
 Prompt = Union[str, list[dict]]
 
 
-class LLMError(RuntimeError):
-    """An endpoint that failed or answered in an unexpected shape; the message names the URL."""
+class LLMError(ValueError):
+    """An endpoint that failed or answered in an unexpected shape; the message names the URL (a ValueError, so
+    the CLI reports it in one line)."""
 
 
 @dataclass
@@ -109,8 +110,6 @@ class LocalLLM:
         prompt = self.render(messages, tools)
         processors = (logits_processor,) if logits_processor else ()
         gen = self._config(temperature, max_tokens, stop, seed, processors)
-        # the tool-call markup is plain text to the decoder, so special tokens are kept only as far as
-        # decode(skip_special_tokens=True) would drop <tool_call> (a non-special added token stays)
         [(text, n_tokens)] = self.complete_texts([prompt], gen)
         errors: list[str] = []
         content, calls = parse_tool_calls(text, errors=errors) if tools else (text, [])
