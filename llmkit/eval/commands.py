@@ -49,8 +49,9 @@ def run_plan(args: Namespace) -> None:
 # ----------------------------------------------------------------------------- shared options
 
 
-def _add_model(p: Parser) -> None:
-    p.add_argument("--model", type=str, required=True, help="checkpoint directory (llmkit or Hugging Face)")
+def _add_model(p: Parser, required: bool = True) -> None:
+    p.add_argument("--model", type=str | None, required=required, default=None,
+                   help="checkpoint directory (llmkit or Hugging Face)")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--dtype", type=str, default="auto",
                    help="float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU)")
@@ -127,8 +128,9 @@ def run_perplexity(args: Namespace) -> None:
 def tasks_parser() -> Parser:
     p = _parser("llmkit eval tasks", "Score lm-eval-harness task YAMLs on local data (numbers equal lm-eval's "
                                      "model hf on the same checkpoint).")
-    _add_model(p)
+    _add_model(p, required=False)
     p.add_argument("--tasks", type=str, required=True, help="comma-separated task, tag or group names")
+    _add_strategy(p)
     p.add_argument("--include-path", type=str | None, default=None,
                    help="directory of task YAMLs (read as lm-eval reads them), searched after the shipped ones")
     p.add_argument("--data-dir", type=str | None, default=None,
@@ -147,6 +149,60 @@ def tasks_parser() -> Parser:
     return p
 
 
+def _add_strategy(p: Parser) -> None:
+    p.add_argument("--base-url", type=str | None, default=None,
+                   help="OpenAI-compatible /v1 URL to evaluate instead of --model (generate_until tasks only)")
+    p.add_argument("--api-model", type=str, default="default", help="model name sent to --base-url")
+    p.add_argument("--api-key", type=str | None, default=None, help="API key for --base-url")
+    p.add_argument("--concurrency", type=int, default=8, help="requests to --base-url in flight at most")
+    _flag(p, "--chat", help="send each prompt to --base-url's /chat/completions as a user message (default: "
+                            "/completions, the task's text as is)")
+    p.add_argument("--strategy", type=str, default="direct",
+                   choices=["direct", "cot", "zero-shot-cot", "plan-and-solve", "least-to-most"],
+                   help="how generate_until tasks are answered: direct (lm-eval's way), cot (few-shot chain of "
+                        "thought: the answer is extracted), zero-shot-cot, plan-and-solve, least-to-most")
+    p.add_argument("--samples", type=int, default=1, help="self-consistency: majority vote over this many samples")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when --samples > 1")
+    p.add_argument("--extract", type=str, default="number",
+                   help="answer extraction for strategies: number, choice[:LETTERS], regex:PATTERN, text")
+    p.add_argument("--answer-format", type=str, default="{answer}",
+                   help="what the task's filters see for an extracted answer, e.g. '#### {answer}' for GSM8K's "
+                        "strict-match")
+    p.add_argument("--fewshot-selection", type=str, default="random", choices=["random", "knn", "mmr"],
+                   help="random: lm-eval's sampler; knn / mmr: by embedding similarity to each document")
+    p.add_argument("--fewshot-order", type=str, default="similar_last",
+                   choices=["similar_last", "similar_first", "random", "selected"],
+                   help="order of kNN / MMR demonstrations")
+    p.add_argument("--embedder", type=str, default="minilm", help="embedder for kNN / MMR (see llmkit rag index)")
+
+
+def _strategy_lm(args: Namespace, tasks):
+    """The LM the harness runs: plain EvalLM, or a StrategyLM over the local model or --base-url."""
+    from llmkit.prompting.harness import StrategyLM, use_demo_selection
+
+    if (args.model is None) == (args.base_url is None):
+        raise ValueError("give exactly one of --model DIR and --base-url URL")
+    if args.fewshot_selection != "random":
+        from llmkit.rag.embed import load_embedder
+
+        embedder = load_embedder(args.embedder)
+        for task in tasks.values():
+            use_demo_selection(task, args.fewshot_selection, embedder, args.fewshot_order, args.fewshot_seed)
+    base = _lm(args) if args.model else None
+    if base is not None and args.strategy == "direct" and args.samples == 1:
+        return base
+    if base is not None:
+        from llmkit.prompting.llm import LocalLLM
+
+        llm = LocalLLM(base.model, base.tokenizer, batch_size=args.batch_size, name=args.model)
+    else:
+        from llmkit.prompting.llm import OpenAILLM
+
+        llm = OpenAILLM(args.base_url, args.api_model, args.api_key, concurrency=args.concurrency, chat=args.chat)
+    return StrategyLM(llm, args.strategy, samples=args.samples, temperature=args.temperature, extract=args.extract,
+                      answer_format=args.answer_format, base=base, seed=args.fewshot_seed)
+
+
 def run_tasks(args: Namespace) -> None:
     from llmkit.eval.common import provenance
     from llmkit.eval.tasks import evaluate, format_results, load_tasks, parse_gen_kwargs
@@ -155,16 +211,20 @@ def run_tasks(args: Namespace) -> None:
     if not names:
         raise ValueError("--tasks: give at least one task name")
     tasks = load_tasks(names, args.include_path, args.data_dir)
-    lm = _lm(args)
+    lm = _strategy_lm(args, tasks)
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
     results = evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, fewshot_seed=args.fewshot_seed,
                        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
                        gen_kwargs=parse_gen_kwargs(args.gen_kwargs))
-    results["config"] = {"model": args.model, "batch_size": args.batch_size, "limit": args.limit,
+    results["config"] = {"model": args.model or args.base_url, "batch_size": args.batch_size, "limit": args.limit,
                          "num_fewshot": args.num_fewshot, "fewshot_seed": args.fewshot_seed,
-                         "bootstrap_iters": args.bootstrap_iters}
+                         "bootstrap_iters": args.bootstrap_iters, "fewshot_selection": args.fewshot_selection}
+    if hasattr(lm, "summary"):
+        results["strategy"] = lm.summary()
+        if args.log_samples:
+            results["strategy_records"] = lm.records
     results["provenance"] = provenance(args.model, results["configs"])
     _write(args, results)
     _emit(args, results, format_results(results))

@@ -651,6 +651,10 @@ FILTERS: dict[str, Callable] = {
 class Task:
     """One lm-eval `ConfigurableTask` built from its YAML dict."""
 
+    # (n, doc) -> n few-shot documents for `doc`, replacing lm-eval's sampler (llmkit.prompting.harness sets it
+    # for kNN / MMR demonstration selection)
+    fewshot_selector: Callable[[int, dict], list[dict]] | None = None
+
     def __init__(self, config: dict[str, Any], source: Path | str = "<config>", data_dir: str | Path | None = None):
         self.source = Path(source)
         raw = {k: v for k, v in config.items() if k not in STRUCTURAL}
@@ -932,7 +936,9 @@ class Task:
             parts.append(description)
         if num_fewshot > 0:
             eval_doc = doc if fc["split"] == cfg["test_split"] else None
-            for fs_doc in self._sample_fewshot(num_fewshot, eval_doc):
+            shots = (self.fewshot_selector(num_fewshot, doc) if self.fewshot_selector
+                     else self._sample_fewshot(num_fewshot, eval_doc))
+            for fs_doc in shots:
                 q = self.doc_to_text(fs_doc, fc["doc_to_text"])
                 c = self.doc_to_choice(fs_doc, fc["doc_to_choice"]) if fc["doc_to_choice"] else None
                 a = self.doc_to_target(fs_doc, fc["doc_to_target"])

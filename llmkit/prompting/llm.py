@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
 Prompt = Union[str, list[dict]]
+MAX_STOP = 4  # stop strings an OpenAI request may carry
 
 
 class LLMError(ValueError):
@@ -151,15 +152,19 @@ class OpenAILLM:
             raise LLMError(f"{self.base_url}{what}: {e}") from None
 
     def _one(self, prompt: Prompt, temperature: float, max_tokens: int, stop: Sequence[str], seed: int | None) -> str:
-        params = dict(model=self.model, temperature=temperature, max_tokens=max_tokens, stop=list(stop) or None,
-                      seed=seed)
+        # OpenAI takes at most 4 stop strings; any others are applied here
+        params = dict(model=self.model, temperature=temperature, max_tokens=max_tokens,
+                      stop=list(stop)[:MAX_STOP] or None, seed=seed)
         if isinstance(prompt, str) and not self.use_chat:
             out = self._call(lambda: self.client.completions.create(prompt=prompt, **params), "/completions")
-            return out.choices[0].text or ""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        out = self._call(lambda: self.client.chat.completions.create(messages=messages, **params),
-                         "/chat/completions")
-        return out.choices[0].message.content or ""
+            text = out.choices[0].text or ""
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            out = self._call(lambda: self.client.chat.completions.create(messages=messages, **params),
+                             "/chat/completions")
+            text = out.choices[0].message.content or ""
+        cuts = [text.find(s) for s in stop if s and s in text]
+        return text[:min(cuts)] if cuts else text
 
     def generate(self, prompts: Sequence[Prompt], *, n: int = 1, temperature: float = 0.0, max_tokens: int = 256,
                  stop: Sequence[str] = (), seed: int | None = None) -> list[list[str]]:
@@ -173,7 +178,7 @@ class OpenAILLM:
         from llmkit.agents.tools import parse_tool_calls, tool_spec
 
         params: dict[str, Any] = dict(model=self.model, messages=messages, temperature=temperature,
-                                      max_tokens=max_tokens, stop=list(stop) or None, seed=seed)
+                                      max_tokens=max_tokens, stop=list(stop)[:MAX_STOP] or None, seed=seed)
         if tools:
             params["tools"] = [tool_spec(t) for t in tools]
         out = self._call(lambda: self.client.chat.completions.create(**params), "/chat/completions")
