@@ -133,6 +133,10 @@ class FineTuner(Trainer):
         if self.task != "lm" and (self.cfg.method != "full" or self.cfg.pack):
             raise TrainError(f"{self.cfg.model}: {model.config.architecture} models are fine-tuned with --method full "
                              "and without --pack")
+        if self.cfg.pet_pattern:
+            if self.task != "lm":
+                raise TrainError(f"{self.cfg.model}: the PET objective (--pet-pattern) trains a decoder LM")
+            self.task = "pet"  # cloze classification: llmkit.prompting.cloze
         if self.task == "classify":
             model = self._with_classifier(model)
         return model, tok
@@ -182,6 +186,14 @@ class FineTuner(Trainer):
             def read(names, verbose=True):
                 examples = load_classification(names, tok, cfg.max_seq_len, self.label_names)
                 return examples, SFTStats(records=len(examples), tokens=sum(map(len, examples)))
+        elif self.task == "pet":
+            from llmkit.prompting.cloze import PVP, load_pet_examples
+
+            pvp = PVP.from_json(cfg.pet_pattern, cfg.pet_verbalizer)
+
+            def read(names, verbose=True):
+                examples, self.pet_token_ids = load_pet_examples(names, tok, cfg.max_seq_len, pvp)
+                return examples, SFTStats(records=len(examples), tokens=sum(map(len, examples)))
         else:
             def read(names, verbose=True):
                 return load_sft(names, tok, cfg.max_seq_len, verbose=verbose, **options)
@@ -193,7 +205,7 @@ class FineTuner(Trainer):
             train, val = split_val(examples, cfg.val_fraction, cfg.seed)
         pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
         batches = SFTBatches(train, cfg.micro_batch_size, cfg.max_seq_len, pad, pack=cfg.pack, seed=cfg.seed,
-                             collate_fn=collate_classification if self.task == "classify" else None)
+                             collate_fn=collate_classification if self.task in ("classify", "pet") else None)
         return batches, val
 
     # -- the loop
@@ -224,6 +236,10 @@ class FineTuner(Trainer):
     def _task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy over the batch's labels: next tokens, classes, or a seq2seq model's targets."""
         labels = batch["labels"].to(self.device)
+        if self.task == "pet":
+            from llmkit.prompting.cloze import pet_loss
+
+            return pet_loss(self.logits(batch), batch, self.pet_token_ids)
         if self.task == "classify":
             mask = (batch["segment_ids"] > 0).long().to(self.device)
             logits = self.raw_model.classify(batch["input_ids"].to(self.device), mask)

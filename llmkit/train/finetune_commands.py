@@ -45,6 +45,9 @@ class FinetuneConfig:
     max_seq_len: int = opt(512, "tokens per example (longer ones are truncated, with a warning count)")
     pack: bool = opt(False, "pack several examples per sequence (no attention across them)")
     train_on_prompt: bool = opt(False, "take the loss on every token, not only the assistant's")
+    pet_pattern: str = opt("", "PET: learn to classify {text, label} records by a cloze pattern, Jinja over the "
+                               "record with ___ where the label word goes, e.g. 'Review: {{ text }} It was ___.'")
+    pet_verbalizer: str = opt("", 'PET: label -> word, as JSON, e.g. \'{"pos": "great", "neg": "awful"}\'')
     # batch and optimisation
     micro_batch_size: int = opt(4, "sequences per micro-batch")
     # the loop's options, as `llmkit pretrain` declares them (same help), with fine-tuning defaults
@@ -109,6 +112,10 @@ class FinetuneConfig:
                 raise ValueError(f"option {name!r} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"option 'lr' must be positive, got {self.lr}")
+        if bool(self.pet_pattern) != bool(self.pet_verbalizer):
+            raise ValueError("--pet-pattern and --pet-verbalizer go together")
+        if self.pet_pattern and self.pack:
+            raise ValueError("--pack cannot be used with --pet-pattern: each record is scored at its own slot")
         if self.pack and self.method in ("prompt", "p-tuning"):
             raise ValueError(f"--pack cannot be used with --method {self.method}: every example needs its own "
                              "virtual tokens in front of it")
