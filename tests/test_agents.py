@@ -180,26 +180,34 @@ class Endpoint(BaseHTTPRequestHandler):
         if isinstance(reply, dict):
             message["tool_calls"] = [{"id": "call_1", "type": "function", "function": {
                 "name": reply["name"], "arguments": json.dumps(reply["arguments"])}}]
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
+
+
+def send_json(handler: BaseHTTPRequestHandler, obj: dict) -> None:
+    data = json.dumps(obj).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def serve(handler: type[BaseHTTPRequestHandler], **state):
+    """A threaded HTTP server on a free local port with `state` as attributes; yields it, then shuts down."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for key, value in state.items():
+        setattr(server, key, value)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    server.requests, server.lock, server.in_flight, server.peak = [], threading.Lock(), 0, 0
-    server.script = lambda body: "ok"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    yield from serve(Endpoint, requests=[], lock=threading.Lock(), in_flight=0, peak=0, script=lambda body: "ok")
 
 
 def test_openai_endpoint_samples_with_bounded_concurrency(endpoint):

@@ -3,8 +3,7 @@ OpenAI-compatible endpoint and a tiny local model, kNN few-shot selection, and t
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -13,6 +12,7 @@ from llmkit.cli import main
 from llmkit.eval.tasks import evaluate, load_tasks
 from llmkit.prompting.harness import StrategyLM, use_demo_selection
 from llmkit.prompting.reasoning import ANSWER_TRIGGER
+from test_agents import send_json, serve
 from test_prompting_reasoning import Scripted, WordHashEmbedder
 from test_structured import model, tok  # noqa: F401  (the same tiny tokenizer and random model)
 
@@ -93,23 +93,14 @@ class Endpoint(BaseHTTPRequestHandler):
                 text = f" We add them: = {total}.\n\nQuestion: next"
         choice = {"index": 0, "finish_reason": "stop"}
         choice.update({"text": text} if "prompt" in body else {"message": {"role": "assistant", "content": text}})
-        data = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
-                           "choices": [choice]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
+                         "choices": [choice]})
 
 
 @pytest.fixture
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    server.requests = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", server
-    server.shutdown()
-    server.server_close()
+    for server in serve(Endpoint, requests=[]):
+        yield f"http://127.0.0.1:{server.server_port}/v1", server
 
 
 def run_cli(capsys, *args):
