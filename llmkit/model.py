@@ -529,7 +529,7 @@ class Transformer(nn.Module):
         weights must not change until `clear_cache`, which drops both.
         """
         max_len = 8 * math.ceil(max_len / 8)
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight  # not lm_head: a quantised head has no .weight
         cfg = self.config
         self.attach_caches([
             KVCache(batch_size, max_len, cfg.n_kv_head, cfg.head_dim, dtype or p.dtype, device or p.device)
@@ -820,7 +820,7 @@ class EncoderDecoder(nn.Module):
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
         """A static KV cache for each decoder self-attention (cross-attention keys come from `memory`)."""
         max_len = 8 * math.ceil(max_len / 8)
-        p, cfg = self.lm_head.weight, self.config
+        p, cfg = self.shared.weight, self.config
         for layer in self.decoder.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, max_len, cfg.n_kv_head, cfg.head_dim,
                                                dtype or p.dtype, device or p.device)

@@ -128,6 +128,20 @@ def test_quantised_model_stays_close_to_full_precision():
         assert (model(ids) - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_quantised_lm_head_decodes_on_every_path():
+    """skip=() quantises the head too: generate, the compiled path and the engine must not read lm_head.weight."""
+    from llmkit.infer.engine import Engine, RequestOptions
+
+    model = quantize_model(build(), "int8", skip=())
+    assert isinstance(model.lm_head, Int8Linear)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]]))
+    expected = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6))[0]
+    assert expected[0] == int(logits[0, -1].argmax())
+    assert generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6, compile=True))[0] == expected
+    assert Engine(model, block_size=8).generate([[1, 2, 3]], RequestOptions(max_new_tokens=6))[0] == expected
+
+
 def test_bad_method_and_group_size_are_clear_errors():
     with pytest.raises(QuantizeError, match="method 'int3'"):
         quantize_model(build(), "int3")

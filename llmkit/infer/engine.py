@@ -126,7 +126,7 @@ class Engine:
         # one spare block past the allocator's range takes the writes of prefill padding
         self._scratch = num_blocks
         self._layout = PagedLayout()
-        p = model.lm_head.weight
+        p = model.model.embed_tokens.weight  # not lm_head: a quantised head has no .weight
         self._device = p.device
         model.attach_caches([
             PagedKVCache(self._layout, (num_blocks + 1) * block_size, cfg.n_kv_head, cfg.head_dim, p.dtype, p.device)

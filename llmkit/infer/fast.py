@@ -47,7 +47,7 @@ class CompiledDecoder:
 
     def _compile(self) -> None:
         model = self.model
-        mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+        mode = "reduce-overhead" if model.model.embed_tokens.weight.is_cuda else None
 
         def step_logits(token: Tensor, slot: Tensor, mask: Tensor | None, prefix_len: Tensor | None) -> Tensor:
             return model(token, mask, prefix_len=prefix_len, slots=slot)[:, -1]

@@ -64,7 +64,7 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], gen: Gen
     if model.config.architecture == "encoder":
         raise ValueError("an encoder-only model (BERT) does not generate text: use it for embeddings, masked-token "
                          "prediction or classification")
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
     total = T0 + gen.max_new_tokens

@@ -46,7 +46,7 @@ class SelfInformation:
         tokens = [self.start] + ids
         info = [0.0] * len(ids)
         window, step = self.max_length, max(1, self.max_length // 2)
-        device = self.model.lm_head.weight.device
+        device = self.model.model.embed_tokens.weight.device
         scored = 0  # tokens[1:scored + 1] have their value
         with torch.no_grad():
             while scored < len(ids):
