@@ -314,6 +314,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     cfg = load_config(path)
+    if cfg.architecture == "decoder":
+        from llmkit.align.reward import is_reward_model, load_reward_model
+
+        if is_reward_model(path):  # a decoder with a score head: `model(ids, mask)` gives one reward a row
+            return load_reward_model(path, device, dtype)[0]
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     device = torch.device(device or "cpu")
     raw, origin = _read_tensors(path, device)

@@ -59,6 +59,9 @@ def test_reward_model_scores_match_transformers_sequence_classification(tmp_path
             torch.testing.assert_close(rm(ids, mask), theirs, atol=1e-4, rtol=0)
         loaded, loaded_tok = load_reward_model(tmp_path / "rm")
         torch.testing.assert_close(loaded(ids, mask), rm(ids, mask), atol=1e-6, rtol=0)
+        front_door, _ = llmkit.load(tmp_path / "rm")  # llmkit.load reads a reward-model directory as one
+        assert isinstance(front_door, RewardModel)
+        torch.testing.assert_close(front_door(ids, mask), rm(ids, mask), atol=1e-6, rtol=0)
     assert loaded_tok.encode("abc") == tok.encode("abc")
 
 
