@@ -258,6 +258,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                        norm_eps=1e-5),
     "mistral-7b": dict(_LLAMA, vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8, d_model=4096, d_ff=14336,
                        max_seq_len=32768, norm_eps=1e-5, sliding_window=4096, rope_theta=10000.0),
+    # GPT-3 175B (Brown et al. 2020, table 2.1) with the vocabulary padded to 51200 as in Megatron-LM
+    "gpt3-175b": dict(_GPT2, vocab_size=51200, n_layer=96, n_head=96, d_model=12288, max_seq_len=2048),
     "qwen2-0.5b": dict(_LLAMA, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896, d_ff=4864,
                        max_seq_len=32768, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
 }
