@@ -314,6 +314,63 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, bytes_per: float)
     return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * context * batch * bytes_per
 
 
+# ----------------------------------------------------------------------------- parallel layouts
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+
+
+def n_blocks(cfg: ModelConfig) -> int:
+    """Transformer blocks a pipeline splits (an encoder-decoder's two stacks together)."""
+    return cfg.n_layer + (cfg.n_decoder_layer if cfg.architecture == "encoder-decoder" else 0)
+
+
+def stage_layers(n_layer: int, stages: int) -> list[int]:
+    """Blocks per pipeline stage, balanced: the first `n_layer % stages` stages take one more."""
+    base, extra = divmod(n_layer, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def validate_layout(cfg: ModelConfig, world_size: int, tp: int = 1, pp: int = 1, dp_shard: int = 1,
+                    dp_replicate: int = 1, cp: int = 1, microbatches: int = 1, *, schedule: str = "1f1b",
+                    virtual_stages: int = 1, seq_len: int | None = None) -> None:
+    """Reject a parallel layout that cannot run, before anything starts: one ValueError naming every problem.
+
+    Checks: each degree >= 1; tp * pp * dp_shard * dp_replicate * cp equals the world size; no more pipeline
+    stages (pp * virtual_stages) than blocks; tp divides the attention heads and the KV heads (GQA); enough
+    micro-batches for the schedule (torch.distributed.pipelining's 1F1B needs at least one per stage);
+    the sequence splits into 2 * cp chunks (load-balanced ring attention).
+    """
+    degrees = {"tp": tp, "pp": pp, "dp_shard": dp_shard, "dp_replicate": dp_replicate, "cp": cp,
+               "microbatches": microbatches, "virtual_stages": virtual_stages}
+    bad = [f"{k} must be an integer >= 1, got {v!r}" for k, v in degrees.items() if not isinstance(v, int) or v < 1]
+    if bad:
+        raise PlanError("bad parallel layout: " + "; ".join(bad))
+    problems = []
+    product = tp * pp * dp_shard * dp_replicate * cp
+    if product != world_size:
+        problems.append(f"tp {tp} x pp {pp} x dp_shard {dp_shard} x dp_replicate {dp_replicate} x cp {cp} = "
+                        f"{product}, but the world size is {world_size}")
+    if schedule not in PP_SCHEDULES:
+        problems.append(f"pipeline schedule must be one of {list(PP_SCHEDULES)}, got {schedule!r}")
+    blocks, stages = n_blocks(cfg), pp * virtual_stages
+    if stages > blocks:
+        what = f"pp {pp}" + (f" x {virtual_stages} virtual stages" if virtual_stages > 1 else "")
+        problems.append(f"{what} = {stages} pipeline stages, but the model has only {blocks} layers")
+    if cfg.n_head % tp:
+        problems.append(f"tp {tp} does not divide the {cfg.n_head} attention heads")
+    elif cfg.n_kv_head % tp:
+        problems.append(f"tp {tp} does not divide the {cfg.n_kv_head} KV heads (GQA shards whole KV heads)")
+    if virtual_stages > 1 and schedule != "interleaved-1f1b":
+        problems.append(f"virtual_stages {virtual_stages} needs the interleaved-1f1b schedule, not {schedule!r}")
+    if pp > 1 and schedule != "gpipe" and microbatches < pp:
+        problems.append(f"the {schedule} schedule needs at least one micro-batch per stage: microbatches "
+                        f"{microbatches} < pp {pp}")
+    if cp > 1 and seq_len is not None and seq_len % (2 * cp):
+        problems.append(f"cp {cp} splits the sequence into {2 * cp} chunks, which seq_len {seq_len} does not divide")
+    if problems:
+        raise PlanError("bad parallel layout: " + "; ".join(problems))
+
+
 # ----------------------------------------------------------------------------- plan
 
 
