@@ -81,7 +81,8 @@ class PlanConfig:
                                                                "or a checkpoint directory"})
     params: float | None = field(default=None, metadata={"help": "parameter count; alone, plans model states only "
                                                                   "(no architecture: no activations or KV cache)"})
-    gpus: int = field(default=1, metadata={"help": "data-parallel GPUs"})
+    gpus: int = field(default=1, metadata={"help": "GPUs in all (= tp x pp x cp x dp; data-parallel GPUs when "
+                                                     "those are 1)"})
     zero: int = field(default=0, metadata={"help": "ZeRO stage 0-3 (3 = FSDP full sharding)"})
     offload: str = field(default="none", metadata={"help": "CPU offload", "choices": list(OFFLOADS)})
     dtype: str = field(default="bf16", metadata={"help": "training precision: bf16/fp16 (mixed-precision Adam) or "
@@ -116,13 +117,53 @@ class PlanConfig:
     context: int | None = field(default=None, metadata={"help": "inference context length (default: --seq-len)"})
     infer_dtype: str | None = field(default=None, metadata={"help": "inference weight/KV dtype: fp32, bf16, fp16, "
                                                                      "int8 or int4 (default: --dtype)"})
+    # parallel layout (llmkit.plan_parallel)
+    tp: int = field(default=1, metadata={"help": "tensor-parallel degree (Megatron column/row-parallel layers)"})
+    pp: int = field(default=1, metadata={"help": "pipeline-parallel stages"})
+    cp: int = field(default=1, metadata={"help": "context-parallel degree (ring attention over the sequence)"})
+    dp: int | None = field(default=None, metadata={"help": "data-parallel degree (default: --gpus / (tp x pp x cp))"})
+    dp_replicate: int = field(default=1, metadata={"help": "HSDP: replicas of each ZeRO/FSDP shard group "
+                                                           "(dp = dp_replicate x dp_shard)"})
+    microbatches: int | None = field(default=None, metadata={"help": "micro-batches per step through each "
+                                                                      "pipeline, m (default: --grad-accum)"})
+    pp_schedule: str = field(default="1f1b", metadata={"help": "pipeline schedule",
+                                                       "choices": ["gpipe", "1f1b", "interleaved-1f1b"]})
+    virtual_stages: int = field(default=1, metadata={"help": "interleaved-1f1b: model chunks per pipeline rank"})
+    recompute: str | None = field(default=None, metadata={
+        "help": "activation recomputation: none, selective (attention core) or full (default: full with "
+                "--activation-checkpointing, else none)", "choices": ["none", "selective", "full", None]})
+    sequence_parallel: bool = field(default=True, metadata={"help": "split norm/dropout activations over the TP "
+                                                                     "group (Korthikanti et al. 2022)"})
+    activation_formula: str = field(default="llmkit", metadata={
+        "help": "per-layer activations: llmkit (llmkit's model, op by op) or korthikanti (the paper's GPT formula, "
+                "materialised softmax)", "choices": ["llmkit", "korthikanti"]})
+    gpus_per_node: int = field(default=8, metadata={"help": "GPUs per node (groups within a node use NVLink)"})
+    intra_node_bandwidth: float | None = field(default=None, metadata={
+        "help": "GB/s per GPU and direction within a node (default: --gpu's NVLink/PCIe)"})
+    inter_node_bandwidth: float | None = field(default=None, metadata={
+        "help": "GB/s per GPU and direction between nodes (default: --gpu's usual NIC)"})
+    tflops: float | None = field(default=None, metadata={
+        "help": "achieved TFLOP/s per GPU, recomputation counted (default: --mfu x peak); Megatron-LM's "
+                "8TP/(nX) time uses it"})
+    global_batch: int | None = field(default=None, metadata={
+        "help": "--search: sequences per step (default: micro-batch x microbatches x dp)"})
+    search: bool = field(default=False, metadata={"help": "rank the layouts of --gpus GPUs that fit, fastest "
+                                                          "first"})
+    top: int = field(default=10, metadata={"help": "--search: layouts listed"})
+
+    def __post_init__(self) -> None:
+        # --activation-checkpointing is full recomputation
+        if self.recompute is None or self.activation_checkpointing:
+            self.recompute = "full" if self.activation_checkpointing else "none"
+        self.activation_checkpointing = self.recompute == "full"
 
     def validate(self) -> None:
         if self.model is None and self.params is None:
             raise PlanError("give --model (a preset or config.json) or --params")
         if self.params is not None and self.params <= 0:
             raise PlanError(f"--params must be positive, got {self.params}")
-        for name in ("gpus", "micro_batch", "grad_accum", "lora_rank", "infer_batch"):
+        for name in ("gpus", "micro_batch", "grad_accum", "lora_rank", "infer_batch", "tp", "pp", "cp",
+                     "dp_replicate", "virtual_stages", "gpus_per_node", "top"):
             if getattr(self, name) < 1:
                 raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.zero not in (0, 1, 2, 3):
@@ -142,10 +183,16 @@ class PlanConfig:
             raise PlanError(f"--offload {self.offload} needs --zero 1, 2 or 3 (ZeRO-Offload)")
         if not 0 < self.mfu <= 1:
             raise PlanError(f"--mfu must be in (0, 1], got {self.mfu}")
+        _choice("recompute", self.recompute, ("none", "selective", "full"))
+        _choice("pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        _choice("activation_formula", self.activation_formula, ("llmkit", "korthikanti"))
+        if self.method != "full" and (self.tp * self.pp * self.cp > 1 or self.search):
+            raise PlanError(f"--tp/--pp/--cp/--search plan full training; --method {self.method} runs data-parallel")
         if self.pue < 1:
             raise PlanError(f"--pue must be >= 1, got {self.pue}")
         for name in ("seq_len", "context", "tokens", "peak_tflops", "gpu_memory_gb", "gpu_power_w",
-                     "usd_per_gpu_hour"):
+                     "usd_per_gpu_hour", "dp", "microbatches", "intra_node_bandwidth", "inter_node_bandwidth",
+                     "tflops", "global_batch"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise PlanError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -261,11 +308,16 @@ def activation_parts(cfg: ModelConfig, batch: int, seq_len: int, dtype: str = "b
         shared += 8  # position ids
     if cfg.dropout > 0:
         shared += C  # embedding dropout mask
+    final_norm = norm if cfg.norm_placement == "pre" else 0
     return {
         "per_layer": tokens * (n_norms * norm + attn + mlp + drop + lora),
+        # d_model-wide part of per_layer (norms, residual dropout masks): replicated under tensor parallelism,
+        # split only by sequence parallelism; the rest scales with heads or d_ff
+        "per_layer_c_wide": tokens * (n_norms * norm + (2 * C if cfg.dropout > 0 else 0)),
+        "head_c_wide": tokens * final_norm,
         "layer_input": tokens * a * C,
         "shared": tokens * shared,
-        "head": tokens * ((norm if cfg.norm_placement == "pre" else 0) + a * V + 4 * V),
+        "head": tokens * (final_norm + a * V + 4 * V),
         "logits": tokens * a * V,
         "head_transient": tokens * 8 * V,
         "layer_transient": tokens * a * (2 * F + 2 * C),
@@ -387,6 +439,7 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
     else:
         breakdown, n_params = None, int(pc.params)
     seq_len = pc.seq_len or (cfg.max_seq_len if cfg else 2048)
+    layout = _layout(pc, cfg, seq_len)
     gpu = GPUS[pc.gpu]
     capacity = pc.gpu_memory_gb * GB if pc.gpu_memory_gb else gpu.memory_gib * GIB
     a = DTYPE_BYTES[pc.dtype]
@@ -407,7 +460,7 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
             weights = (2 if mixed else 4) * n_params + trainable * a
     grads = (2 if mixed else 4) * trainable
     optimizer = ((4 if mixed else 0) + OPTIMIZER_STATE_BYTES[pc.optimizer]) * trainable
-    N = pc.gpus
+    N = layout.shard_group if layout else pc.gpus
     shard = {"weights": N if pc.zero >= 3 else 1, "gradients": N if pc.zero >= 2 else 1,
              "optimizer": N if pc.zero >= 1 else 1}
     if pc.method != "full":  # frozen base weights are replicated unless ZeRO-3 shards them too
@@ -440,6 +493,15 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
     memory["usable"] = capacity / GB - RESERVED_GB
     memory["fits"] = memory["total"] <= memory["usable"]
     memory["cpu_offload_per_gpu"] = sum(cpu.values()) / GB
+    parallel = None
+    if layout is not None:
+        from llmkit.plan_parallel import layout_plan
+
+        parallel = layout_plan(cfg, pc, layout, seq_len)
+        if _beyond_data_parallel(layout):  # the most loaded pipeline stage's GPU
+            worst = parallel["memory_gb"]["stages"][parallel["memory_gb"]["max_stage"]]
+            memory.update({k: worst[k] for k in ("weights", "gradients", "optimizer", "activations", "total")},
+                          fits=parallel["memory_gb"]["fits"], cpu_offload_per_gpu=worst["cpu_offload"])
 
     # -- compute
     tokens = pc.tokens if pc.tokens is not None else 20.0 * n_params
@@ -450,17 +512,19 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
         flops = ((6 if pc.activation_checkpointing else 4) * n_params + 6 * trainable) * tokens
         formula = ("6ND" if pc.activation_checkpointing else "4ND") + " + 6*N_trainable*D"
     peak = (pc.peak_tflops or (gpu.peak_tflops if mixed else gpu.peak_tflops_fp32)) * 1e12
-    seconds = flops / (pc.gpus * peak * pc.mfu)
+    rate = pc.tflops * 1e12 if pc.tflops else peak * pc.mfu  # Megatron-LM's X (Narayanan et al. 2021, eq. 4)
+    seconds = flops / (pc.gpus * rate)
     hours = seconds / 3600
     price = pc.usd_per_gpu_hour if pc.usd_per_gpu_hour is not None else gpu.usd_per_hour
     power = pc.gpu_power_w or gpu.power_w
     energy_kwh = pc.gpus * power * hours * pc.pue / 1000
     compute = {
         "tokens": tokens, "tokens_default": pc.tokens is None, "flops": flops, "flops_formula": formula,
-        "peak_flops_per_gpu": peak, "mfu": pc.mfu, "hours": hours, "days": hours / 24,
+        "peak_flops_per_gpu": peak, "mfu": rate / peak, "hours": hours, "days": hours / 24,
         "gpu_hours": hours * pc.gpus, "usd": hours * pc.gpus * price, "usd_per_gpu_hour": price,
         "energy_kwh": energy_kwh, "co2_kg": energy_kwh * pc.carbon_intensity / 1000,
-        "global_batch_tokens": pc.micro_batch * pc.grad_accum * pc.gpus * seq_len,
+        "global_batch_tokens": pc.micro_batch * (layout.microbatches if layout else pc.grad_accum) * (
+            layout.dp if layout else pc.gpus) * seq_len,
     }
     compute["steps"] = math.ceil(tokens / compute["global_batch_tokens"])
 
@@ -473,10 +537,33 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
         "memory_gb": memory,
         "compute": compute,
     }
+    if parallel is not None:
+        parallel["train_steps"] = math.ceil(tokens / parallel["tokens_per_step"])
+        parallel["train_days"] = parallel["train_steps"] * parallel["time_s"]["step"] / 86400
+        out["parallel"] = parallel
     if cfg is not None:
         out["inference"] = _inference(cfg, pc, n_params, seq_len, capacity)
     out["suggestions"] = suggest(pc) if suggestions and not memory["fits"] else []
     return out
+
+
+def _layout(pc: PlanConfig, cfg: ModelConfig | None, seq_len: int):
+    """The parallel layout of a full-training plan with an architecture (llmkit.plan_parallel.Layout), else None."""
+    beyond_dp = pc.tp * pc.pp * pc.cp > 1
+    if cfg is None:
+        if beyond_dp:
+            raise PlanError("--tp/--pp/--cp need --model (stages and shards come from the architecture)")
+        return None
+    if pc.method != "full" or (cfg.architecture != "decoder" and not beyond_dp):
+        return None
+    from llmkit.plan_parallel import layout_from
+
+    return layout_from(pc, cfg, seq_len)
+
+
+def _beyond_data_parallel(layout) -> bool:
+    """Layouts the single-GPU memory count above does not describe."""
+    return layout.tp * layout.pp * layout.cp > 1 or layout.dp_replicate > 1 or layout.recompute == "selective"
 
 
 def _inference(cfg: ModelConfig, pc: PlanConfig, n_params: int, seq_len: int, capacity: float) -> dict:
@@ -593,7 +680,7 @@ def format_plan(p: dict[str, Any]) -> str:
     for label, value in rows:
         lines.append(f"  {label:<30} {value:>10.3f}")
     lines.append(f"  {'total':<30} {m['total']:>10.3f}   of {m['usable']:.1f} usable ({m['capacity']:.1f} on the GPU)")
-    if m["activations"] is not None:
+    if m["activations"] is not None and not (p.get("parallel") and _beyond_data_parallel_dict(p["parallel"]["layout"])):
         lines.append(f"  activations without / with recomputation: {m['activations_no_recompute']:.3f} / "
                      f"{m['activations_recompute']:.3f} GB")
     if m["cpu_offload_per_gpu"]:
@@ -610,11 +697,18 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(f"compute: {c['tokens']:.3g} tokens{' (20 per parameter)' if c['tokens_default'] else ''}, "
                  f"{c['flops']:.3g} FLOPs ({c['flops_formula']}), {c['steps']} steps of {c['global_batch_tokens']} "
                  "tokens")
-    lines.append(f"  at {c['mfu']:.0%} of {c['peak_flops_per_gpu'] / 1e12:.0f} TFLOP/s per GPU: "
+    lines.append(f"  at {c['mfu'] * c['peak_flops_per_gpu'] / 1e12:.0f} TFLOP/s per GPU ({c['mfu']:.0%} of "
+                 f"{c['peak_flops_per_gpu'] / 1e12:.0f}), FLOPs / (GPUs x that): "
                  f"{_duration(c['hours'])}, {c['gpu_hours']:.4g} GPU-hours, ${c['usd']:,.0f} "
                  f"at ${c['usd_per_gpu_hour']}/GPU-hour")
     lines.append(f"  energy {c['energy_kwh']:.4g} kWh (PUE {s['pue']}), {c['co2_kg']:.4g} kg CO2e at "
                  f"{s['carbon_intensity']:g} g/kWh")
+    par = p.get("parallel")
+    if par and (par["layout"]["world"] > 1 or _beyond_data_parallel_dict(par["layout"])):
+        from llmkit.plan_parallel import format_layout
+
+        lines.append("")
+        lines.append(format_layout(par))
     inf = p.get("inference")
     if inf:
         lines.append("")
@@ -623,6 +717,11 @@ def format_plan(p: dict[str, Any]) -> str:
                      f" ({'fits' if inf['fits_one_gpu'] else 'does not fit'} on one GPU); "
                      f"{inf['flops_per_token']:.3g} FLOPs per token")
     return "\n".join(lines)
+
+
+def _beyond_data_parallel_dict(layout: dict[str, Any]) -> bool:
+    return layout["tp"] * layout["pp"] * layout["cp"] > 1 or layout["dp_replicate"] > 1 or \
+        layout["recompute"] == "selective"
 
 
 def _count(n: float) -> str:

@@ -30,7 +30,10 @@ def _jsonable(x):
 def plan_parser() -> Parser:
     from llmkit.plan import PlanConfig
 
-    p = _parser("llmkit plan", "Estimate memory per GPU, FLOPs, time, cost, energy and CO2 of a run before it runs.")
+    p = _parser("llmkit plan", "Estimate memory per GPU, FLOPs, time, cost, energy and CO2 of a run before it "
+                               "runs; with --tp/--pp/--cp/--dp the parallel layout's memory per stage, "
+                               "communication, pipeline bubble, step time and MFU; --search ranks the layouts that "
+                               "fit.")
     add_dataclass_options(p, PlanConfig)
     _flag(p, "--json", help="print the plan as one JSON object")
     return p
@@ -42,6 +45,12 @@ def run_plan(args: Namespace) -> None:
     from llmkit.plan import PlanConfig, format_plan, plan
 
     pc = PlanConfig(**{f.name: args[f.name] for f in dataclasses.fields(PlanConfig)})
+    if pc.search:
+        from llmkit.plan_parallel import format_search, plan_search
+
+        result = plan_search(pc)
+        _emit(args, result, format_search(result))
+        return
     result = plan(pc)
     _emit(args, result, format_plan(result))
 
