@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -754,7 +755,6 @@ def measure_training_memory(cfg: ModelConfig, batch: int, seq_len: int, checkpoi
     what already existed (weights + optimizer state, counted from their tensors).
     """
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from llmkit.model import Transformer
     from llmkit.train.objectives import lm_loss
@@ -777,8 +777,17 @@ def measure_training_memory(cfg: ModelConfig, batch: int, seq_len: int, checkpoi
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
+    peak = profiled_peak_bytes(step)
+    return {"weights": weights, "optimizer": state, "step_peak": peak, "total": weights + state + peak}
+
+
+def profiled_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of live CPU bytes `fn()` allocates beyond what existed before, from torch's memory profiler:
+    its allocation events (+bytes on malloc, -bytes on free) summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        fn()
     allocations = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -790,4 +799,4 @@ def measure_training_memory(cfg: ModelConfig, batch: int, seq_len: int, checkpoi
     for _, size in sorted(allocations):
         live += size
         peak = max(peak, live)
-    return {"weights": weights, "optimizer": state, "step_peak": peak, "total": weights + state + peak}
+    return peak

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit.config import ModelConfig
 from llmkit.plan import (DTYPE_BYTES, GB, GIB, GPUS, OPTIMIZER_STATE_BYTES, RESERVED_GB, PlanError,
-                         activation_parts, n_blocks, stage_layers, validate_layout)
+                         activation_parts, stage_layers, validate_layout)
 
 if TYPE_CHECKING:
     from llmkit.plan import PlanConfig
@@ -242,8 +242,7 @@ def stage_memory(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int)
     optimizer_bytes = (4 if mixed else 0) + OPTIMIZER_STATE_BYTES[pc.optimizer]
     n = layout.shard_group
     act = rank_activation_parts(cfg, layout, seq_len, pc.dtype, pc.attention, pc.activation_formula)
-    # gradients live through the step when micro-batches accumulate into them or DP buckets hold them
-    persistent = layout.pp > 1 or layout.microbatches > 1 or n * layout.dp_replicate > 1
+    buffers = n * layout.dp_replicate > 1  # DDP buckets / FSDP gradient shards live through the whole step
     out = []
     for i, part in enumerate(stage_params(cfg, layout.tp, layout.pp)):
         P = part["total"]
@@ -259,12 +258,12 @@ def stage_memory(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int)
         last = i == layout.pp - 1
         k = in_flight_microbatches(layout.schedule, layout.pp, layout.microbatches, i, layout.virtual_stages)
         a = stage_activation_bytes(act, part["layers"], last, layout.recompute, k)
-        if persistent:
+        if buffers or k < layout.microbatches:  # later micro-batches go in flight while gradients exist
             dynamic = a["peak"] + grads
-        elif layout.recompute == "full":  # one process, one micro-batch: see plan.peak_step_bytes
+        elif layout.recompute == "full" and layout.pp == 1:  # one micro-batch: see plan.peak_step_bytes
             dynamic = max(a["stored_per_microbatch"] + act["head"] + act["head_transient"], a["peak"] + grads)
-        else:
-            dynamic = max(a["peak"], grads)
+        else:  # gradients appear during the first backward, which frees its micro-batch as they grow
+            dynamic = max(a["peak"], a["peak"] - a["stored_per_microbatch"] + grads)
         out.append({"stage": i, "layers": part["layers"], "params": P, "in_flight_microbatches": k,
                     "weights": weights / GB, "gradients": grads / GB, "optimizer": optimizer / GB,
                     "activations": a["peak"] / GB, "total": (weights + optimizer + dynamic) / GB,
