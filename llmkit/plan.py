@@ -2,6 +2,11 @@
 
     llmkit plan --model llama-2-7b --gpus 8 --zero 3 --micro-batch 2 --seq-len 4096 --activation-checkpointing
     llmkit plan --params 7.5e9 --gpus 64 --zero 1 --json          # model states only (ZeRO paper, table 1)
+    llmkit plan --model gpt3-175b --gpus 1024 --tp 8 --pp 16 --microbatches 192 --recompute full --tflops 140
+    llmkit plan --model llama-2-7b --gpus 8 --global-batch 64 --search
+
+Parallel layouts (TP x PP x CP x DP): per-stage memory, communication, bubble, step time, MFU and the layout
+search live in llmkit.plan_parallel; `validate_layout` here rejects a layout that cannot run.
 
 Memory (bytes per GPU, GB = 1e9 bytes):
 - model states, mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020): bf16/fp16 weights 2P, gradients 2P,
@@ -15,8 +20,8 @@ Memory (bytes per GPU, GB = 1e9 bytes):
 - inference: weights plus the KV cache, 2 * n_layer * n_kv_head * head_dim * context * batch * bytes.
 Compute: training FLOPs 6ND (8ND when activations are recomputed: one more forward), LoRA 4ND + 6·N_trainable·D
 (no weight gradients for frozen weights); inference 2·N_matmul + 4·n_layer·context·n_head·head_dim FLOPs per token.
-Wall time = FLOPs / (GPUs * peak FLOP/s * MFU); energy = GPUs * board power * hours * PUE; CO2 = energy * grid
-carbon intensity.
+Wall time = FLOPs / (GPUs * peak FLOP/s * MFU), or FLOPs / (GPUs * --tflops) (Megatron-LM's 8TP/(nX));
+energy = GPUs * board power * hours * PUE; CO2 = energy * grid carbon intensity.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ class PlanConfig:
     virtual_stages: int = field(default=1, metadata={"help": "interleaved-1f1b: model chunks per pipeline rank"})
     recompute: str | None = field(default=None, metadata={
         "help": "activation recomputation: none, selective (attention core) or full (default: full with "
-                "--activation-checkpointing, else none)", "choices": ["none", "selective", "full", None]})
+                "--activation-checkpointing, else none)", "choices": ["none", "selective", "full"]})
     sequence_parallel: bool = field(default=True, metadata={"help": "split norm/dropout activations over the TP "
                                                                      "group (Korthikanti et al. 2022)"})
     activation_formula: str = field(default="llmkit", metadata={
