@@ -699,6 +699,8 @@ def format_plan(p: dict[str, Any]) -> str:
                 lines.append(f"    {sug['change']:<55} {sug['memory_gb']:.2f} GB/GPU")
         else:
             lines.append("  no single change makes it fit; a larger GPU or tensor/pipeline parallelism is needed")
+        if model["shape"] is not None and s["method"] == "full":
+            lines.append(f"  --search ranks the TP/PP/DP layouts of {s['gpus']} GPUs that fit")
     lines.append("")
     lines.append(f"compute: {c['tokens']:.3g} tokens{' (20 per parameter)' if c['tokens_default'] else ''}, "
                  f"{c['flops']:.3g} FLOPs ({c['flops_formula']}), {c['steps']} steps of {c['global_batch_tokens']} "
