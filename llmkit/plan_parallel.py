@@ -234,27 +234,32 @@ def stage_activation_bytes(act: dict[str, float], layers: int, last: bool, recom
 # ----------------------------------------------------------------------------- memory
 
 
+def model_state_bytes(params: int, layout: Layout, pc: PlanConfig) -> tuple[float, float, float, float]:
+    """Weights, gradients, optimizer states on the GPU and bytes offloaded to the host, for `params` of one
+    rank: mixed precision keeps 16-bit weights and gradients plus fp32 master weights with the optimizer
+    (ZeRO paper); ZeRO-1/2/3 divide optimizer / + gradients / + weights over the shard group."""
+    mixed = pc.dtype != "fp32"
+    n = layout.shard_group
+    weights = (2 if mixed else 4) * params / (n if layout.zero >= 3 else 1)
+    grads = (2 if mixed else 4) * params / (n if layout.zero >= 2 else 1)
+    optimizer = ((4 if mixed else 0) + OPTIMIZER_STATE_BYTES[pc.optimizer]) * params / (n if layout.zero >= 1 else 1)
+    offloaded = 0.0
+    if pc.offload != "none":  # ZeRO-Offload: optimizer states in host memory; ZeRO-Infinity: the weights too
+        offloaded, optimizer = optimizer, 0.0
+    if pc.offload == "optimizer+params":
+        offloaded, weights = offloaded + weights, 0.0
+    return weights, grads, optimizer, offloaded
+
+
 def stage_memory(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int) -> list[dict[str, Any]]:
     """Bytes per GPU of every pipeline stage (in GB): weights, gradients, optimizer states (ZeRO over the
     shard group, optimizer offload to CPU), activations with the schedule's in-flight micro-batches."""
-    mixed = pc.dtype != "fp32"
-    weight_bytes = 2 if mixed else 4
-    optimizer_bytes = (4 if mixed else 0) + OPTIMIZER_STATE_BYTES[pc.optimizer]
-    n = layout.shard_group
     act = rank_activation_parts(cfg, layout, seq_len, pc.dtype, pc.attention, pc.activation_formula)
-    buffers = n * layout.dp_replicate > 1  # DDP buckets / FSDP gradient shards live through the whole step
+    # DDP buckets / FSDP gradient shards live through the whole step
+    buffers = layout.shard_group * layout.dp_replicate > 1
     out = []
     for i, part in enumerate(stage_params(cfg, layout.tp, layout.pp)):
-        P = part["total"]
-        weights = weight_bytes * P / (n if layout.zero >= 3 else 1)
-        grads = weight_bytes * P / (n if layout.zero >= 2 else 1)
-        optimizer = optimizer_bytes * P / (n if layout.zero >= 1 else 1)
-        offloaded = optimizer if pc.offload != "none" else 0.0
-        if pc.offload == "optimizer+params":
-            offloaded += weights
-            weights = 0.0
-        optimizer -= offloaded if pc.offload != "none" else 0.0
-        optimizer = max(optimizer, 0.0)
+        weights, grads, optimizer, offloaded = model_state_bytes(part["total"], layout, pc)
         last = i == layout.pp - 1
         k = in_flight_microbatches(layout.schedule, layout.pp, layout.microbatches, i, layout.virtual_stages)
         a = stage_activation_bytes(act, part["layers"], last, layout.recompute, k)
@@ -264,7 +269,7 @@ def stage_memory(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int)
             dynamic = max(a["stored_per_microbatch"] + act["head"] + act["head_transient"], a["peak"] + grads)
         else:  # gradients appear during the first backward, which frees its micro-batch as they grow
             dynamic = max(a["peak"], a["peak"] - a["stored_per_microbatch"] + grads)
-        out.append({"stage": i, "layers": part["layers"], "params": P, "in_flight_microbatches": k,
+        out.append({"stage": i, "layers": part["layers"], "params": part["total"], "in_flight_microbatches": k,
                     "weights": weights / GB, "gradients": grads / GB, "optimizer": optimizer / GB,
                     "activations": a["peak"] / GB, "total": (weights + optimizer + dynamic) / GB,
                     "cpu_offload": offloaded / GB})
@@ -285,7 +290,7 @@ class Cluster:
 
     def bandwidth(self, stride: int, degree: int) -> float:
         """Bytes/s per GPU for a group of `degree` ranks `stride` apart."""
-        return (self.intra_gbps if stride * degree <= self.gpus_per_node else self.inter_gbps) * 1e9
+        return (self.intra_gbps if self.in_node(stride, degree) else self.inter_gbps) * 1e9
 
     def in_node(self, stride: int, degree: int) -> bool:
         return stride * degree <= self.gpus_per_node
