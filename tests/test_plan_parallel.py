@@ -198,18 +198,34 @@ def test_tp_rank_memory_within_15_percent_of_measured(tmp_path):
     assert abs(p["memory_gb"]["total"] * GB - measured["total"]) / measured["total"] < 0.15
 
 
-def _first_stage_step(cfg: ModelConfig, layers: int, microbatches: int, batch: int, seq: int, device: str):
-    """Pipeline stage 0 under 1F1B with m = p = microbatches: the embedding and the first `layers` blocks run
-    every micro-batch's forward, then their backwards with a gradient as the next stage would send."""
+def _stage0_order(schedule: str, pp: int, microbatches: int) -> list[str]:
+    """Stage 0's actions: GPipe all forwards then all backwards; 1F1B p warm-up forwards, then one backward
+    and one forward in turn, then the remaining backwards."""
+    warmup = microbatches if schedule == "gpipe" else min(pp, microbatches)
+    order = ["F"] * warmup
+    for _ in range(microbatches - warmup):
+        order += ["B", "F"]
+    return order + ["B"] * warmup
+
+
+def _first_stage_step(cfg: ModelConfig, layers: int, microbatches: int, batch: int, seq: int, device: str,
+                      schedule: str = "1f1b", pp: int = 2):
+    """Pipeline stage 0: the embedding and the first `layers` blocks run the schedule's forwards and
+    backwards (with a gradient as the next stage would send), then the optimizer step."""
     torch.manual_seed(0)
     stage = build_model(dataclasses.replace(cfg, n_layer=layers)).model.to(device).train()
     opt = torch.optim.AdamW(stage.parameters(), lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (microbatches, batch, seq), device=device)
 
     def step() -> None:
-        outputs = [stage(x[i]) for i in range(microbatches)]
-        for out in outputs:
-            out.backward(torch.ones_like(out))
+        in_flight, sent = [], 0
+        for action in _stage0_order(schedule, pp, microbatches):
+            if action == "F":
+                in_flight.append(stage(x[sent]))
+                sent += 1
+            else:
+                out = in_flight.pop(0)
+                out.backward(torch.ones_like(out))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -217,17 +233,19 @@ def _first_stage_step(cfg: ModelConfig, layers: int, microbatches: int, batch: i
     return stage, opt, step
 
 
-def test_pp_first_stage_memory_within_15_percent_of_measured(tmp_path):
-    """PP 2, 1F1B, 2 micro-batches, fp32 on CPU: stage 0 keeps both micro-batches' activations."""
+@pytest.mark.parametrize("schedule,microbatches,in_flight", [("1f1b", 2, 2), ("1f1b", 4, 2), ("gpipe", 4, 4)])
+def test_pp_first_stage_memory_within_15_percent_of_measured(tmp_path, schedule, microbatches, in_flight):
+    """PP 2, fp32 on CPU: stage 0 keeps p (1F1B) or m (GPipe) micro-batches' activations."""
     cfg = ModelConfig.from_preset("tiny", n_layer=4, vocab_size=512, d_model=128, d_ff=256)
-    stage, opt, step = _first_stage_step(cfg, 2, 2, 2, 64, "cpu")
+    stage, opt, step = _first_stage_step(cfg, 2, microbatches, 2, 64, "cpu", schedule)
     held = sum(t.numel() * t.element_size() for t in list(stage.parameters()) + [
         v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()])
     measured = held + profiled_peak_bytes(step)
-    p = _plan_tp_pp(cfg, tmp_path, gpus=2, pp=2, microbatches=2, dtype="fp32", micro_batch=2, seq_len=64)
+    p = _plan_tp_pp(cfg, tmp_path, gpus=2, pp=2, microbatches=microbatches, pp_schedule=schedule, dtype="fp32",
+                    micro_batch=2, seq_len=64)
     s0 = p["parallel"]["memory_gb"]["stages"][0]
-    assert s0["in_flight_microbatches"] == 2
-    print(f"PP 2 stage 0: predicted {s0['total'] * GB:.0f} B, measured {measured} B")
+    assert s0["in_flight_microbatches"] == in_flight
+    print(f"PP 2 {schedule} m {microbatches} stage 0: predicted {s0['total'] * GB:.0f} B, measured {measured} B")
     assert abs(s0["total"] * GB - measured) / measured < 0.15, (s0, measured)
 
 
