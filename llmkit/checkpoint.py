@@ -29,9 +29,14 @@ HF_ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
     "t5": "T5ForConditionalGeneration",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 # fields HF configs have no place for; they ride along under config.json["llmkit"]
 LLMKIT_ONLY_FIELDS = ("name", "init_std", "scaled_residual_init", "extra")
+# training-only MoE settings HF's MoE configs have no field for (written for MoE checkpoints only)
+MOE_ONLY_FIELDS = ("moe_capacity_factor", "moe_z_loss_coef")
+MOE_TYPES = ("mixtral", "qwen2_moe")
 # tensors some HF checkpoints carry that are derived, not learned
 IGNORED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
 
@@ -58,6 +63,8 @@ def hf_model_type(cfg: ModelConfig) -> str | None:
         return "gpt2"
     if cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.position != "rope":
         return None
+    if cfg.n_experts:
+        return moe_model_type(cfg)
     if cfg.sliding_window is not None:
         return "mistral" if not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias) else None
     if cfg.qkv_bias and not cfg.attn_out_bias and not cfg.mlp_bias:
@@ -65,6 +72,42 @@ def hf_model_type(cfg: ModelConfig) -> str | None:
     if cfg.qkv_bias == cfg.attn_out_bias:
         return "llama"
     return None
+
+
+def moe_model_type(cfg: ModelConfig) -> str | None:
+    """'mixtral' (top-k renormalised, no shared expert, every block MoE) or 'qwen2_moe' (gated shared expert,
+    q/k/v biases, no window), or None for other mixtures."""
+    if cfg.attn_out_bias or cfg.mlp_bias:
+        return None
+    if cfg.shared_expert_d_ff and cfg.shared_expert_gate and cfg.qkv_bias and cfg.sliding_window is None:
+        return "qwen2_moe"
+    if not cfg.shared_expert_d_ff and not cfg.qkv_bias and cfg.moe_renormalize and cfg.moe_layer_step == 1:
+        return "mixtral"
+    return None
+
+
+def moe_config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+    out = {"num_experts_per_tok": cfg.moe_top_k, "router_aux_loss_coef": cfg.moe_aux_loss_coef,
+           "output_router_logits": False}
+    if model_type == "mixtral":  # every block is MoE: intermediate_size is the experts' width
+        return {**out, "num_local_experts": cfg.n_experts, "intermediate_size": cfg.moe_d_ff,
+                "sliding_window": cfg.sliding_window, "router_jitter_noise": 0.0}
+    return {**out, "num_experts": cfg.n_experts, "moe_intermediate_size": cfg.moe_d_ff,
+            "shared_expert_intermediate_size": cfg.shared_expert_d_ff, "norm_topk_prob": cfg.moe_renormalize,
+            "decoder_sparse_step": cfg.moe_layer_step, "mlp_only_layers": [], "qkv_bias": True,
+            "use_sliding_window": False, "sliding_window": None}
+
+
+def moe_config_from_hf(d: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """ModelConfig fields of a Mixtral or Qwen2-MoE config.json."""
+    common = {"moe_top_k": d.get("num_experts_per_tok", 2), "moe_aux_loss_coef": d.get("router_aux_loss_coef", 0.01)}
+    if model_type == "mixtral":
+        return {**common, "n_experts": d["num_local_experts"], "moe_d_ff": d["intermediate_size"]}
+    if d.get("mlp_only_layers"):
+        raise ConfigError(f"{source}: Qwen2-MoE field 'mlp_only_layers' is not supported (use decoder_sparse_step)")
+    return {**common, "n_experts": d["num_experts"], "moe_d_ff": d["moe_intermediate_size"],
+            "shared_expert_d_ff": d["shared_expert_intermediate_size"], "shared_expert_gate": True,
+            "moe_renormalize": bool(d.get("norm_topk_prob", False)), "moe_layer_step": d.get("decoder_sparse_step", 1)}
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
@@ -93,6 +136,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
         out.update(sliding_window=cfg.sliding_window)
     elif model_type == "qwen2":
         out.update(use_sliding_window=False, sliding_window=None)
+    elif model_type in MOE_TYPES:
+        out.update(moe_config_to_hf(cfg, model_type))
     return out
 
 
@@ -142,17 +187,22 @@ def config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
         )
     if model_type in ("bert", "t5"):
         return (bert_config_from_hf if model_type == "bert" else t5_config_from_hf)(d, source, {**tokens, **extra})
-    if model_type not in ("llama", "mistral", "qwen2"):
+    if model_type not in ("llama", "mistral", "qwen2", *MOE_TYPES):
         raise ConfigError(
-            f"{source}: unknown model_type {model_type!r}; llmkit reads llama, mistral, qwen2, gpt2, bert, t5 and llmkit"
+            f"{source}: unknown model_type {model_type!r}; llmkit reads llama, mistral, qwen2, mixtral, qwen2_moe, "
+            "gpt2, bert, t5 and llmkit"
         )
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "gelu"):
         raise ConfigError(f"{source}: field 'hidden_act' = {act!r} is not supported (expected silu or gelu)")
     qkv_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
-    sliding = d.get("sliding_window") if model_type == "mistral" else None
-    if model_type == "qwen2" and d.get("use_sliding_window"):
+    if model_type == "qwen2_moe":
+        qkv_bias = bool(d.get("qkv_bias", True))
+    sliding = d.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+    if model_type in ("qwen2", "qwen2_moe") and d.get("use_sliding_window"):
         raise ConfigError(f"{source}: Qwen2 'use_sliding_window' (per-layer windows) is not supported")
+    moe = moe_config_from_hf(d, model_type, source) if model_type in MOE_TYPES else {}
+    moe.update({k: v for k, v in (d.get("llmkit") or {}).items() if k in MOE_ONLY_FIELDS and moe})
     n_head = d["num_attention_heads"]
     return ModelConfig(
         norm="rmsnorm", activation="swiglu" if act == "silu" else "geglu", position="rope",
@@ -163,7 +213,7 @@ def config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
         qkv_bias=qkv_bias, attn_out_bias=model_type == "llama" and qkv_bias,
         mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)), sliding_window=sliding,
-        attn_dropout=d.get("attention_dropout", 0.0), **_rope_from_hf(d, source), **tokens, **extra,
+        attn_dropout=d.get("attention_dropout", 0.0), **_rope_from_hf(d, source), **moe, **tokens, **extra,
     )
 
 
@@ -217,6 +267,8 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig, model_type: str | 
     sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == tied_head_key(cfg))}
     if model_type in RENAMES:
         return rename_tensors(sd, model_type, to_hf=True)
+    if model_type == "mixtral":
+        return {mixtral_key(k, to_hf=True): v for k, v in sd.items()}
     if model_type != "gpt2":
         return sd
     out = {
@@ -244,6 +296,9 @@ def from_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig, model_type: str 
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
     if model_type in RENAMES:
         return rename_tensors(sd, model_type, to_hf=False)
+    if model_type in MOE_TYPES:
+        sd = unfuse_experts(sd)
+        return {mixtral_key(k, to_hf=False): v for k, v in sd.items()} if model_type == "mixtral" else sd
     if model_type != "gpt2":
         return sd
     # the original GPT-2 checkpoints have no "transformer." prefix
@@ -427,7 +482,8 @@ def checkpoint_config(cfg: ModelConfig, model_type: str | None, dtype: torch.dty
         return {"model_type": "llmkit", "architectures": ["LlmkitForCausalLM"], "dtype": dtype_name,
                 "llmkit": cfg.to_dict()}
     hf = config_to_hf(cfg, model_type)
-    llmkit_only = {k: v for k, v in cfg.to_dict().items() if k in LLMKIT_ONLY_FIELDS}
+    kept = LLMKIT_ONLY_FIELDS + (MOE_ONLY_FIELDS if model_type in MOE_TYPES else ())
+    llmkit_only = {k: v for k, v in cfg.to_dict().items() if k in kept}
     architecture = HF_ARCHITECTURES[model_type]
     if model_type == "bert" and cfg.n_labels:
         architecture = "BertForSequenceClassification"
@@ -611,3 +667,31 @@ def rename_tensors(sd: dict[str, Tensor], model_type: str, to_hf: bool) -> dict[
     if to_hf and model_type == "t5" and not any(".wi_0." in k for k in out):  # ungated: T5 names it wi
         out = {k.replace(".DenseReluDense.wi_1.", ".DenseReluDense.wi."): v for k, v in out.items()}
     return out
+
+
+# ----------------------------------------------------------------------------- Mixtral and Qwen2-MoE
+
+# Qwen2-MoE's files use llmkit's names; Mixtral's call the MoE block `block_sparse_moe` and an expert's
+# gate/down/up projections w1/w2/w3
+_MIXTRAL_NAMES = ((".mlp.", ".block_sparse_moe."), (".gate_proj.", ".w1."), (".up_proj.", ".w3."),
+                  (".down_proj.", ".w2."))
+
+
+def mixtral_key(key: str, to_hf: bool) -> str:
+    for ours, theirs in _MIXTRAL_NAMES:  # every Mixtral block is MoE: each .mlp. is an expert block
+        key = key.replace(ours, theirs) if to_hf else key.replace(theirs, ours)
+    return key
+
+
+def unfuse_experts(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Experts stored fused, as transformers 5 holds them in memory (`experts.gate_up_proj` [E,2F,C] and
+    `experts.down_proj` [E,C,F]), split into one gate/up/down weight per expert; other keys pass through."""
+    sd = dict(sd)
+    for key in [k for k in sd if k.endswith(".experts.gate_up_proj")]:
+        prefix = key.removesuffix("gate_up_proj")
+        gate_up, down = sd.pop(key), sd.pop(prefix + "down_proj")
+        for e in range(gate_up.shape[0]):
+            gate, up = gate_up[e].chunk(2, dim=0)
+            sd[f"{prefix}{e}.gate_proj.weight"], sd[f"{prefix}{e}.up_proj.weight"] = gate, up
+            sd[f"{prefix}{e}.down_proj.weight"] = down[e]
+    return sd

@@ -82,6 +82,21 @@ class ModelConfig:
     scale_decoder_output: bool = False  # encoder-decoder: decoder output x d_model^-0.5 before the head (original T5)
     sliding_window: int | None = None  # each token sees at most this many previous tokens (itself included)
 
+    # mixture of experts (decoder only): the MLP of every moe_layer_step-th block becomes a router over
+    # n_experts MLPs of width moe_d_ff, each token sent to its top-k (Switch: top-1, Mixtral: top-2)
+    n_experts: int = 0  # 0 = dense MLPs
+    moe_top_k: int = 2
+    moe_renormalize: bool = True  # top-k weights rescaled to sum to 1 (Mixtral; Qwen2-MoE's norm_topk_prob)
+    moe_d_ff: int | None = None  # width of each routed expert; None -> d_ff
+    moe_layer_step: int = 1  # block i is MoE when (i + 1) % step == 0 (HF's decoder_sparse_step; 2 in Switch)
+    shared_expert_d_ff: int = 0  # an always-on shared expert MLP of this width (DeepSeekMoE, Qwen2-MoE); 0 = none
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(linear(x)) (Qwen2-MoE)
+    # training only: each expert takes at most ceil(factor * tokens * k / n_experts) assignments, the rest
+    # are dropped (their MoE output is 0, the residual carries them); None or 0 = dropless
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coef: float = 0.01  # Switch load-balancing loss n_experts * sum_i f_i * P_i (1 when balanced)
+    moe_z_loss_coef: float = 0.0  # router z-loss mean(logsumexp(logits)^2) (ST-MoE uses 1e-3)
+
     init_std: float = 0.02
     scaled_residual_init: bool = True  # output projections get std/sqrt(2*n_layer) (GPT-2)
 
@@ -106,6 +121,8 @@ class ModelConfig:
                 self.d_ff = 4 * self.d_model
         if self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
+        if self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
         if self.norm_placement == "deepnorm":
             if self.deepnorm_alpha is None:
                 self.deepnorm_alpha = (2 * self.n_layer) ** 0.25
@@ -154,6 +171,25 @@ class ModelConfig:
             raise ConfigError(f"config field 'sliding_window' must be positive or null, got {self.sliding_window}")
         if self.norm_eps <= 0:
             raise ConfigError(f"config field 'norm_eps' must be positive, got {self.norm_eps}")
+        if self.n_experts:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.architecture != "decoder":
+            raise ConfigError(f"config field 'n_experts' needs architecture 'decoder', got {self.architecture!r}")
+        for name in ("n_experts", "moe_top_k", "moe_d_ff", "moe_layer_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.moe_top_k > self.n_experts:
+            raise ConfigError(f"config field 'moe_top_k' ({self.moe_top_k}) must be <= 'n_experts' ({self.n_experts})")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor < 0:
+            raise ConfigError(f"config field 'moe_capacity_factor' must be >= 0 or null, got {self.moe_capacity_factor}")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "shared_expert_d_ff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+        if self.shared_expert_gate and not self.shared_expert_d_ff:
+            raise ConfigError("config field 'shared_expert_gate' needs 'shared_expert_d_ff' > 0")
 
     @property
     def gated(self) -> bool:
@@ -162,6 +198,29 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         return int(self.head_dim * self.rope_partial_factor)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and (i + 1) % self.moe_layer_step == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layer // self.moe_layer_step if self.n_experts else 0
+
+    def mlp_params(self, width: int) -> int:
+        """One MLP of hidden width `width` (an expert, the shared expert or the dense MLP)."""
+        C = self.d_model
+        return (3 if self.gated else 2) * C * width + (((2 if self.gated else 1) * width + C) if self.mlp_bias else 0)
+
+    def moe_layer_params(self, active: bool = False) -> int:
+        """A MoE feed-forward layer: router, routed experts (all, or the top-k a token uses) and shared expert."""
+        experts = (self.moe_top_k if active else self.n_experts) * self.mlp_params(self.moe_d_ff)
+        shared = self.mlp_params(self.shared_expert_d_ff) if self.shared_expert_d_ff else 0
+        return self.d_model * self.n_experts + experts + shared + (self.d_model if self.shared_expert_gate else 0)
+
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token passes through (n_params less the experts it is not routed to)."""
+        return self.n_params - self.n_moe_layers * (self.moe_layer_params() - self.moe_layer_params(active=True))
 
     @property
     def n_params(self) -> int:
@@ -184,6 +243,7 @@ class ModelConfig:
             total = self.n_layer * per_layer + self.n_decoder_layer * (per_layer + attn + norm) + 2 * norm + tables
             return total + self.vocab_size * C * (1 if self.tie_embeddings else 2)
         total = self.n_layer * per_layer + norm + self.vocab_size * C
+        total += self.n_moe_layers * (self.moe_layer_params() - mlp)
         if not self.tie_embeddings:
             total += self.vocab_size * C
         if self.position == "learned":
@@ -260,6 +320,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=32768, norm_eps=1e-5, sliding_window=4096, rope_theta=10000.0),
     # GPT-3 175B (Brown et al. 2020, table 2.1) with the vocabulary padded to 51200 as in Megatron-LM
     "gpt3-175b": dict(_GPT2, vocab_size=51200, n_layer=96, n_head=96, d_model=12288, max_seq_len=2048),
+    # mixtures of experts: Switch (top-1, capacity 1.25, MoE every other block; Fedus et al. 2021) and Mixtral
+    # (top-2 of 8, dropless, renormalised weights), tiny shapes and Mixtral 8x7B's
+    "tiny-switch": dict(_LLAMA, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
+                        max_seq_len=256, n_experts=8, moe_top_k=1, moe_renormalize=False, moe_capacity_factor=1.25,
+                        moe_layer_step=2, moe_aux_loss_coef=0.01),
+    "tiny-mixtral": dict(_LLAMA, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
+                         max_seq_len=256, n_experts=8, moe_top_k=2, moe_aux_loss_coef=0.01),
+    "mixtral-8x7b": dict(_LLAMA, vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8, d_model=4096, d_ff=14336,
+                         max_seq_len=32768, norm_eps=1e-5, rope_theta=1e6, n_experts=8, moe_top_k=2,
+                         moe_aux_loss_coef=0.02),
     "qwen2-0.5b": dict(_LLAMA, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896, d_ff=4864,
                        max_seq_len=32768, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
 }

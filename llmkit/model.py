@@ -205,9 +205,9 @@ def _gelu_tanh(t: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, d_ff: int | None = None):
         super().__init__()
-        C, Fd, bias = config.d_model, config.d_ff, config.mlp_bias
+        C, Fd, bias = config.d_model, d_ff or config.d_ff, config.mlp_bias  # d_ff: an expert's own width
         self.gated = config.gated
         if self.gated:
             self.gate_proj = nn.Linear(C, Fd, bias=bias)
@@ -229,15 +229,113 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
-class Block(nn.Module):
+class Experts(nn.ModuleList):
+    """The routed experts of one MoE layer (HF's names: `mlp.experts.{e}.gate_proj`, ...).
+
+    forward(xs, counts): xs holds counts[e] rows for expert e, expert after expert; returns their outputs
+    in the same order. Expert parallelism swaps this module for one that dispatches rows to other ranks.
+    """
+
+    def forward(self, xs: Tensor, counts: list[int]) -> Tensor:
+        chunks = xs.split(counts)
+        return torch.cat([expert(chunk) if len(chunk) else chunk for expert, chunk in zip(self, chunks)])
+
+
+class Routing:
+    """One MoE forward's assignments, sorted by expert: kept rows' tokens and weights, per-expert counts."""
+
+    __slots__ = ("tokens", "weights", "kept", "routed", "probs", "logits")
+
+    def __init__(self, tokens: Tensor, weights: Tensor, kept: Tensor, routed: Tensor, probs: Tensor, logits: Tensor):
+        self.tokens, self.weights, self.kept, self.routed = tokens, weights, kept, routed
+        self.probs, self.logits = probs, logits
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts feed-forward: softmax router, top-k experts, optional shared expert.
+
+    Tokens are sorted by expert and each expert runs once on its rows (index_select, then index_add
+    of the weighted outputs), so the cost is one matmul per expert, not per token. While training, the
+    layer keeps its router statistics in `self.stats` for the auxiliary losses and the logs.
+    """
+
     def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, E = config.d_model, config.n_experts
+        self.n_experts, self.top_k, self.renormalize = E, config.moe_top_k, config.moe_renormalize
+        self.capacity_factor = config.moe_capacity_factor or None
+        self.gate = nn.Linear(C, E, bias=False)  # the router (HF's key: mlp.gate.weight)
+        self.experts = Experts(MLP(config, config.moe_d_ff) for _ in range(E))
+        if config.shared_expert_d_ff:
+            self.shared_expert = MLP(config, config.shared_expert_d_ff)
+        if config.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(C, 1, bias=False)
+        self.stats: dict[str, Tensor] | None = None
+        self.gate_up_stacked = None  # the decode fast path saves/restores this per layer; experts are not stacked
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Assignments an expert may take in this forward; None = dropless (always at inference)."""
+        if self.capacity_factor is None or not self.training:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def route(self, x: Tensor) -> Routing:
+        """x [N,C] -> the kept assignments sorted by expert (first choices ahead of second ones)."""
+        N, E, k = x.shape[0], self.n_experts, self.top_k
+        logits = self.gate(x)
+        probs = torch.softmax(logits.float(), dim=-1)  # fp32: the top-k order must not flip under bf16
+        weights, chosen = probs.topk(k, dim=-1)  # [N,k]
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        # choice-major (a = j*N + n), so under capacity an expert keeps every first choice before any
+        # second one, each in token order (GShard's priority); a stable sort keeps that order per expert
+        flat_expert = chosen.t().reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        routed = torch.bincount(flat_expert, minlength=E)
+        tokens, flat_weights = order % N, weights.t().reshape(-1)[order]
+        capacity = self.capacity(N)
+        kept = routed
+        if capacity is not None:
+            rank_in_expert = torch.arange(N * k, device=x.device) - (routed.cumsum(0) - routed)[flat_expert[order]]
+            keep = rank_in_expert < capacity
+            tokens, flat_weights, kept = tokens[keep], flat_weights[keep], routed.clamp(max=capacity)
+        return Routing(tokens, flat_weights, kept, routed, probs, logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)
+        r = self.route(x)
+        ys = self.experts(x.index_select(0, r.tokens), r.kept.tolist())
+        # dropped assignments add nothing: a token dropped by all its experts passes on the residual alone
+        out = torch.zeros_like(x).index_add_(0, r.tokens, (ys * r.weights[:, None]).to(x.dtype))
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(x)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        if self.training:
+            self.stats = self.router_stats(r)
+        return out.view(B, T, C)
+
+    def router_stats(self, r: Routing) -> dict[str, Tensor]:
+        """Switch balance loss E * sum_i f_i * P_i (f_i: share of assignments, P_i: mean router probability;
+        1 when uniform), router z-loss, per-expert routed assignments and the number dropped."""
+        f = r.routed.float() / r.routed.sum()
+        balance = self.n_experts * (f * r.probs.mean(0)).sum()
+        z = torch.logsumexp(r.logits.float(), dim=-1).pow(2).mean()
+        return {"balance_loss": balance, "z_loss": z, "load": r.routed.detach(),
+                "dropped": (r.routed - r.kept).sum().detach()}
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.placement = config.norm_placement
         self.parallel = config.parallel_block
         # DeepNorm up-weights the residual branch so post-LN stays stable at depth
         self.residual_scale = config.deepnorm_alpha if self.placement == "deepnorm" else 1.0
         self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.input_layernorm = make_norm(config)
         if not (self.parallel and self.placement == "pre"):
             self.post_attention_layernorm = make_norm(config)
@@ -322,7 +420,7 @@ class Backbone(nn.Module):
         if config.embed_norm:
             self.embed_norm = make_norm(config)
         self.dropout = make_dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         for i, block in enumerate(self.layers):
             block.self_attn.layer_idx = i
         if config.norm_placement == "pre":  # post-LN blocks already end in a norm
@@ -543,7 +641,7 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = cache
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv_stacked = _stack_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-            if mlp.gated:
+            if isinstance(mlp, MLP) and mlp.gated:
                 mlp.gate_up_stacked = _stack_linears(mlp.gate_proj, mlp.up_proj)
 
     def clear_cache(self) -> None:
