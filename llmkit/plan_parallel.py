@@ -349,35 +349,52 @@ def step_dp_bytes(cfg: ModelConfig, layout: Layout, stage_params_total: int, dty
     return {"shard": shard, "replica": replica, "tied_embedding": embed}
 
 
-def layout_plan(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int,
-                cluster: Cluster | None = None) -> dict[str, Any]:
-    """Memory per stage, communication per strategy, bubble, step time and MFU of one layout."""
-    cluster = cluster or cluster_from(pc)
-    memory = stage_memory(cfg, pc, layout, seq_len)
-    params = stage_params(cfg, layout.tp, layout.pp)
-    t, c, p, v, m = layout.tp, layout.cp, layout.pp, layout.virtual_stages, layout.microbatches
-    bw = {"tp": cluster.bandwidth(1, t), "cp": cluster.bandwidth(t, c),
-          "pp": cluster.bandwidth(t * c * layout.dp, 2 if p > 1 else 1),
-          "shard": cluster.bandwidth(t, layout.shard_group),
-          "replica": cluster.bandwidth(t * layout.shard_group, layout.dp_replicate)}
+def groups(layout: Layout) -> dict[str, tuple[int, int]]:
+    """(stride, degree) of each communication group under the rank order TP, CP, DP-shard, DP-replicate, PP."""
+    t, c = layout.tp, layout.cp
+    return {"tp": (1, t), "cp": (t, c), "dp": (t, layout.shard_group),
+            "dp_replicate": (t * layout.shard_group, layout.dp_replicate), "pp": (t * c * layout.dp, layout.pp)}
+
+
+def stage_times(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int,
+                cluster: Cluster) -> list[dict[str, Any]]:
+    """Per stage: compute and TP/CP/PP communication seconds of one micro-batch, DP seconds per step and the
+    part of them the backward pass does not hide."""
+    bw = {k: cluster.bandwidth(*g) for k, g in groups(layout).items()}
+    t, c, p = layout.tp, layout.cp, layout.pp
     recompute_factor = 4 / 3 if layout.recompute == "full" else 1.0  # one more forward pass
-    tokens_mb = layout.micro_batch * seq_len
-    stages = []
-    for i, part in enumerate(params):
+    out = []
+    for i, part in enumerate(stage_params(cfg, t, p)):
         first, last = i == 0, i == p - 1
-        matmul = part["layers"] * block_params(cfg) + part["final_norm"] + (cfg.vocab_size * cfg.d_model if last
-                                                                             else 0)
-        compute = 6 * matmul * tokens_mb * recompute_factor / (t * c) / cluster.rate_flops
+        head = cfg.vocab_size * cfg.d_model if last else 0  # the head multiplies, the embedding looks up
+        matmul = part["layers"] * block_params(cfg) + part["final_norm"] + head
+        compute = 6 * matmul * layout.micro_batch * seq_len * recompute_factor / (t * c) / cluster.rate_flops
         comm = microbatch_comm_bytes(cfg, layout, seq_len, pc.dtype, part["layers"], first, last)
         comm_s = {k: comm[k] / bw[k] for k in comm}
         dp = step_dp_bytes(cfg, layout, part["total"], pc.dtype, cfg.tie_embeddings and p > 1 and (first or last))
-        dp_s = dp["shard"] / bw["shard"] + dp["replica"] / bw["replica"] + dp["tied_embedding"] / bw["pp"]
+        dp_s = dp["shard"] / bw["dp"] + dp["replica"] / bw["dp_replicate"] + dp["tied_embedding"] / bw["pp"]
         # DP reduction hides under the last micro-batch's backward (2/3 of its compute, 3/4 with recomputation);
         # ZeRO-3 gathers are prefetched under every micro-batch
-        window = compute * m if layout.zero >= 3 else compute * (3 / 4 if layout.recompute == "full" else 2 / 3)
-        stages.append({"matmul_params": matmul, "compute_s": compute, "comm_bytes": comm, "comm_s": comm_s,
-                       "dp_bytes": dp, "dp_s": dp_s, "dp_exposed_s": max(0.0, dp_s - window),
-                       "microbatch_s": compute + sum(comm_s.values())})
+        window = compute * (layout.microbatches if layout.zero >= 3 else
+                            3 / 4 if layout.recompute == "full" else 2 / 3)
+        out.append({"matmul_params": matmul, "compute_s": compute, "comm_bytes": comm, "comm_s": comm_s,
+                    "dp_bytes": sum(dp.values()), "dp_exposed_s": max(0.0, dp_s - window),
+                    "microbatch_s": compute + sum(comm_s.values())})
+    return out
+
+
+def layout_plan(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int,
+                cluster: Cluster | None = None) -> dict[str, Any]:
+    """Memory per stage, communication per strategy, bubble, step time and MFU of one layout.
+
+    Step = (m + (p - 1)/v) x the slowest stage's micro-batch time (compute + TP/CP/PP transfers) + exposed DP.
+    MFU counts 6 FLOPs per multiplying parameter per token (no recomputation; Chowdhery et al. 2022, app. B,
+    without the attention-score term, as 6ND).
+    """
+    cluster = cluster or cluster_from(pc)
+    memory = stage_memory(cfg, pc, layout, seq_len)
+    stages = stage_times(cfg, pc, layout, seq_len, cluster)
+    p, v, m = layout.pp, layout.virtual_stages, layout.microbatches
     slow = max(range(p), key=lambda i: stages[i]["microbatch_s"])
     s = stages[slow]
     bubble = (p - 1) / v * s["microbatch_s"]
@@ -385,23 +402,19 @@ def layout_plan(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int,
     step = m * s["microbatch_s"] + bubble + dp_exposed
     tokens = layout.micro_batch * m * layout.dp * seq_len
     model_flops = 6 * sum(x["matmul_params"] for x in stages) * tokens
-    hardware_flops = model_flops * recompute_factor
+    hardware_flops = model_flops * (4 / 3 if layout.recompute == "full" else 1.0)
     worst = max(memory, key=lambda x: x["total"])
-    comm_volume = {"tp": m * max(x["comm_bytes"]["tp"] for x in stages) / GB,
-                   "cp": m * max(x["comm_bytes"]["cp"] for x in stages) / GB,
-                   "pp": m * max(x["comm_bytes"]["pp"] for x in stages) / GB,
-                   "dp": max(x["dp_bytes"]["shard"] + x["dp_bytes"]["replica"] + x["dp_bytes"]["tied_embedding"]
-                             for x in stages) / GB}
-    groups = {"tp": (1, t), "cp": (t, c), "pp": (t * c * layout.dp, p), "dp": (t, layout.shard_group
-                                                                              * layout.dp_replicate)}
+    volume = {k: m * max(x["comm_bytes"][k] for x in stages) / GB for k in ("tp", "cp", "pp")}
+    volume["dp"] = max(x["dp_bytes"] for x in stages) / GB
     return {
         "layout": {**dataclasses.asdict(layout), "dp_shard": layout.dp_shard, "world": layout.world},
         "bubble_fraction": bubble_fraction(p, m, v),
         "memory_gb": {"stages": memory, "max_stage": worst["stage"], "max_total": worst["total"],
                       "usable": cluster.usable_gb, "fits": worst["total"] <= cluster.usable_gb},
-        "communication_gb_per_gpu_per_step": comm_volume,
+        "communication_gb_per_gpu_per_step": volume,
         "interconnect": {k: {"degree": d, "in_node": cluster.in_node(stride, d),
-                             "gb_per_s": cluster.bandwidth(stride, d) / 1e9} for k, (stride, d) in groups.items()},
+                             "gb_per_s": cluster.bandwidth(stride, d) / 1e9}
+                         for k, (stride, d) in groups(layout).items()},
         "time_s": {"step": step, "compute": m * s["compute_s"], "bubble": bubble,
                    **{f"{k}_exposed": m * s["comm_s"][k] for k in ("tp", "cp", "pp")}, "dp_exposed": dp_exposed,
                    "slowest_stage": slow},
