@@ -81,6 +81,27 @@ def test_megatron_gpt3_175b_takes_34_days():
     assert par["train_days"] > days and par["time_s"]["bubble"] > 0 and par["time_s"]["tp_exposed"] > 0
 
 
+def test_communication_volumes_by_hand():
+    """Megatron-LM's GPT-3 layout, bytes each GPU sends per step (bf16, b = 1, s = 2048, h = 12288)."""
+    p = plan(PlanConfig(model="gpt3-175b", gpus=1024, tp=8, pp=16, microbatches=192, recompute="full",
+                        gpu="a100-80gb", tokens=1e9))["parallel"]
+    x = 1 * 2048 * 12288 * 2  # one b x s x h activation
+    volume = p["communication_gb_per_gpu_per_step"]
+    # TP: per layer 2 forward + 2 backward + 2 recomputed all-reduces, plus the embedding's (first stage) or
+    # the head's (last stage); a ring all-reduce sends 2(t-1)/t of the buffer
+    assert volume["tp"] * GB == pytest.approx(192 * (6 * 6 + 1) * 2 * 7 / 8 * x)
+    # PP: an interior stage sends each micro-batch's activation forward and its gradient back, split over TP by SP
+    assert volume["pp"] * GB == pytest.approx(192 * 2 * x / 8)
+    # DP: all-reduce of stage 0's gradients (6 blocks, the embedding shard, positions) over 8, plus the tied
+    # embedding's gradient all-reduced with the last stage
+    stage0 = stage_params(ModelConfig.from_preset("gpt3-175b"), 8, 16)[0]["total"]
+    assert volume["dp"] * GB == pytest.approx(2 * 7 / 8 * 2 * stage0 + 2 * 51200 * 12288 / 8)
+    cp = plan(PlanConfig(model="llama-2-7b", gpus=4, cp=4, seq_len=8192, tokens=1e9))["parallel"]
+    # ring attention: K and V (32 heads x 128) of s/c tokens pass c - 1 hops forward, and K, V, dK, dV backward
+    kv = 2 * (8192 // 4) * 32 * 128 * 2
+    assert cp["communication_gb_per_gpu_per_step"]["cp"] * GB == pytest.approx(32 * 3 * 3 * kv)
+
+
 # ----------------------------------------------------------------------------- parameters of built shards
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")  # split on dim 0
