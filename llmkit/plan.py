@@ -560,7 +560,8 @@ def _layout(pc: PlanConfig, cfg: ModelConfig | None, seq_len: int):
         if beyond_dp:
             raise PlanError("--tp/--pp/--cp need --model (stages and shards come from the architecture)")
         return None
-    if pc.method != "full" or (cfg.architecture != "decoder" and not beyond_dp):
+    # encoders and mixture-of-experts models: the data-parallel count above, no stage split
+    if pc.method != "full" or (not beyond_dp and (cfg.architecture != "decoder" or cfg.n_experts)):
         return None
     from llmkit.plan_parallel import layout_from
 

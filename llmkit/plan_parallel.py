@@ -90,15 +90,24 @@ def layout_from(pc: PlanConfig, cfg: ModelConfig, seq_len: int) -> Layout:
 
 
 def check_layout(cfg: ModelConfig, layout: Layout, world_size: int, seq_len: int) -> None:
-    if cfg.architecture != "decoder" and layout.tp * layout.pp * layout.cp > 1:
-        raise PlanError(f"tensor, pipeline and context parallel layouts are planned for decoder-only models; "
-                        f"{cfg.name} is {cfg.architecture!r}")
+    if layout.tp * layout.pp * layout.cp > 1:
+        check_plannable(cfg)
     try:
         validate_layout(cfg, world_size, layout.tp, layout.pp, layout.dp_shard, layout.dp_replicate, layout.cp,
                         layout.microbatches, schedule=layout.schedule, virtual_stages=layout.virtual_stages,
                         seq_len=seq_len)
     except PlanError as e:
         raise PlanError(str(e).replace("the world size is", "--gpus is")) from None
+
+
+def check_plannable(cfg: ModelConfig) -> None:
+    """Stages and shards are counted for dense decoder-only models."""
+    if cfg.architecture != "decoder":
+        raise PlanError(f"tensor, pipeline and context parallel layouts are planned for decoder-only models; "
+                        f"{cfg.name} is {cfg.architecture!r}")
+    if cfg.n_experts:
+        raise PlanError(f"tensor, pipeline and context parallel layouts are planned for dense models; {cfg.name} "
+                        f"has {cfg.n_experts} experts per MoE layer (plan it data-parallel)")
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -553,8 +562,7 @@ def plan_search(pc: PlanConfig) -> dict[str, Any]:
     if pc.model is None:
         raise PlanError("--search needs --model (layouts come from the architecture)")
     cfg = load_model_config(pc.model)
-    if cfg.architecture != "decoder":
-        raise PlanError(f"--search plans decoder-only models; {cfg.name} is {cfg.architecture!r}")
+    check_plannable(cfg)
     seq_len = pc.seq_len or cfg.max_seq_len
     dp = pc.dp or max(1, pc.gpus // (pc.tp * pc.pp * pc.cp))
     global_batch = pc.global_batch or pc.micro_batch * (pc.microbatches or pc.grad_accum) * dp

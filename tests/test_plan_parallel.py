@@ -360,3 +360,14 @@ def test_data_parallel_layout_agrees_with_the_single_gpu_count():
         stage, memory = p["parallel"]["memory_gb"]["stages"][0], p["memory_gb"]
         for key in ("weights", "gradients", "optimizer", "activations", "total"):
             assert stage[key] == pytest.approx(memory[key])
+
+
+@pytest.mark.parametrize("model,message", [("tiny-bert", "decoder-only models; tiny-bert is 'encoder'"),
+                                           ("tiny-mixtral", "dense models; tiny-mixtral has 8 experts")])
+def test_layouts_refuse_models_they_do_not_split(capsys, model, message):
+    from llmkit.cli import main
+
+    for extra in (["--tp", "2"], ["--search"]):
+        assert main(["plan", "--model", model, "--gpus", "2", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert "parallel" not in plan(PlanConfig(model=model, gpus=2, tokens=1e6))  # data-parallel plans still work
