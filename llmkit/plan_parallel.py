@@ -29,9 +29,8 @@ if TYPE_CHECKING:
     from llmkit.plan import PlanConfig
 
 RECOMPUTE = ("none", "selective", "full")
-ACTIVATION_FORMULAS = ("llmkit", "korthikanti")
 # nominal bandwidth per GPU and direction, GB/s: (within a node: NVLink or PCIe, between nodes: one NIC per GPU)
-INTERCONNECT_GBPS: dict[str, tuple[float, float]] = {
+INTERCONNECT_GB_PER_S: dict[str, tuple[float, float]] = {
     "h100": (450, 50), "h200": (450, 50), "b200": (900, 50),  # NVLink 4/5; 400 Gb/s NDR InfiniBand
     "h100-pcie": (64, 50),  # PCIe 5 x16
     "a100-80gb": (300, 25), "a100-40gb": (300, 25),  # NVLink 3; 200 Gb/s HDR InfiniBand (DGX A100)
@@ -291,15 +290,15 @@ def stage_memory(cfg: ModelConfig, pc: PlanConfig, layout: Layout, seq_len: int)
 @dataclass(frozen=True)
 class Cluster:
     gpus_per_node: int
-    intra_gbps: float
-    inter_gbps: float
+    intra_gb_per_s: float
+    inter_gb_per_s: float
     peak_flops: float  # per GPU, FLOP/s
     rate_flops: float  # what the compute kernels achieve, FLOP/s
     usable_gb: float
 
     def bandwidth(self, stride: int, degree: int) -> float:
         """Bytes/s per GPU for a group of `degree` ranks `stride` apart."""
-        return (self.intra_gbps if self.in_node(stride, degree) else self.inter_gbps) * 1e9
+        return (self.intra_gb_per_s if self.in_node(stride, degree) else self.inter_gb_per_s) * 1e9
 
     def in_node(self, stride: int, degree: int) -> bool:
         return stride * degree <= self.gpus_per_node
@@ -307,7 +306,7 @@ class Cluster:
 
 def cluster_from(pc: PlanConfig) -> Cluster:
     gpu = GPUS[pc.gpu]
-    intra, inter = INTERCONNECT_GBPS[pc.gpu]
+    intra, inter = INTERCONNECT_GB_PER_S[pc.gpu]
     peak = (pc.peak_tflops or (gpu.peak_tflops if pc.dtype != "fp32" else gpu.peak_tflops_fp32)) * 1e12
     capacity = pc.gpu_memory_gb * GB if pc.gpu_memory_gb else gpu.memory_gib * GIB
     return Cluster(pc.gpus_per_node, pc.intra_node_bandwidth or intra, pc.inter_node_bandwidth or inter, peak,
