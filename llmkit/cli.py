@@ -257,7 +257,8 @@ STAGES: dict[str, Command] = {
 COMMAND_MODULES: list[str] = ["llmkit.data.pack_cli", "llmkit.train.commands", "llmkit.data.commands",
                                "llmkit.eval.commands", "llmkit.rag.commands", "llmkit.train.finetune_commands",
                                "llmkit.train.distill_commands", "llmkit.infer.quantize_commands",
-                               "llmkit.align.commands", "llmkit.agents.commands"]
+                               "llmkit.align.commands", "llmkit.agents.commands",
+                               "llmkit.infer.medusa_commands"]
 
 
 def all_commands() -> dict[str, Command]:
