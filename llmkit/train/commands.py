@@ -22,11 +22,11 @@ def pretrain_parser() -> Parser:
 
 
 def run_pretrain(args: Namespace) -> None:
+    from llmkit.parallel.trainer import trainer_class
     from llmkit.train.recipe import TrainConfig, recipe_fields
-    from llmkit.train.trainer import Trainer
 
     cfg = TrainConfig(**{f.name: args[f.name] for f in recipe_fields()})
-    trainer = Trainer(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    trainer = trainer_class(cfg)(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if trainer.env.is_main:
         (trainer.out / "recipe.yaml").write_text(_yaml(cfg.to_dict()))
     final = trainer.fit()

@@ -134,22 +134,30 @@ def model_state_for_save(model: nn.Module, raw_model: nn.Module, env: DistEnv) -
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_sharded(model: nn.Module, optimizer, path: Path, env: DistEnv, cfg) -> None:
-    """FSDP: each rank writes its shards of model and optimiser with torch.distributed.checkpoint."""
-    if not sharded(env, cfg):
-        return
+def _dcp_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # optimizer state keyed by parameter name, not by position in a param group: a checkpoint written
+    # under one layout (FSDP, TP x PP, one process) then loads under any other
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def save_sharded(model: nn.Module, optimizer, path: Path) -> None:
+    """Each rank writes its shards of model and optimiser with torch.distributed.checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
 
 
-def load_sharded(model: nn.Module, optimizer, path: Path, env: DistEnv, cfg) -> None:
+def load_sharded(model: nn.Module, optimizer, path: Path) -> None:
+    """Load a DCP checkpoint written at any layout into this rank's (possibly sharded) model and optimiser."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_dcp_options())

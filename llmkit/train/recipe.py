@@ -70,10 +70,22 @@ class TrainConfig:
     parallel: str = opt("ddp", "with torchrun: ddp or fsdp", choices=["ddp", "fsdp"])
     fsdp_reshard: bool = opt(True, "fsdp: free gathered parameters after forward (ZeRO-3); false = ZeRO-2")
     cpu_offload: bool = opt(False, "fsdp: keep parameters, gradients and optimiser states on the CPU")
+    # parallel layout (torchrun; llmkit/parallel): the degrees multiply to the world size, any left out is 1
+    tp: int = opt(1, "tensor-parallel degree (Megatron-style, with sequence parallelism and a vocabulary-parallel loss)")
+    pp: int = opt(1, "pipeline-parallel stages (blocks split evenly; embedding first, norm and head last)")
+    pp_schedule: str = opt("1f1b", "pipeline schedule", choices=["gpipe", "1f1b", "interleaved-1f1b"])
+    microbatches: int = opt(1, "pipeline micro-batches each micro-batch is split into (must divide it)")
+    pp_virtual_stages: int = opt(2, "interleaved-1f1b: pipeline stages per rank")
+    dp_shard: int = opt(1, "FSDP2 degree inside a tp/pp/cp layout (parameters sharded over these ranks)")
+    dp_replicate: int = opt(1, "replicas of the (dp_shard-sharded) model: HSDP when both are above 1")
+    cp: int = opt(1, "context-parallel degree: ring attention over the sequence (CUDA only)")
+    dcp_checkpoint: bool = opt(False, "also write model and optimiser through torch.distributed.checkpoint, so a "
+                               "run can resume at another layout (always on with fsdp and tp/pp/cp layouts)")
 
     def validate(self) -> None:
         for name in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "save_every", "keep_last",
-                     "eval_batches", "log_every"):
+                     "eval_batches", "log_every", "tp", "pp", "microbatches", "pp_virtual_stages", "dp_shard",
+                     "dp_replicate", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe field {name!r} must be >= 1, got {getattr(self, name)}")
         if not self.data:

@@ -63,15 +63,16 @@ class Trainer:
         check_objective(cfg.objective, self.raw_model.config.architecture)
         if cfg.activation_checkpointing:
             self.raw_model.set_activation_checkpointing(True)
-        self.model = dist_utils.wrap(self.raw_model, self.env, cfg)
-        self.optimizer = build_optimizer(self.raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay,
+        self.model = self._wrap_model()
+        self.optimizer = build_optimizer(self._param_owner(), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                          (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(
             s, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.decay_fraction))
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.fp16_init_scale,
                                            enabled=cfg.precision == "fp16")
-        self.train_data = TokenWindows(cfg.data, "train", cfg.seq_len, cfg.seed, True, self.env.rank,
-                                       self.env.world_size)
+        self.data_rank, self.data_world = self._data_shard()
+        self.train_data = TokenWindows(cfg.data, "train", cfg.seq_len, cfg.seed, True, self.data_rank,
+                                       self.data_world)
         self.step, self.tokens_seen, self.recent_losses = 0, 0, deque(maxlen=cfg.spike_window)
         torch.manual_seed(cfg.seed + 1 + self.env.rank)  # dropout differs per rank, reproducibly
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -93,6 +94,18 @@ class Trainer:
         if resume and not (out / "checkpoints").is_dir():
             raise TrainError(f"{out}: nothing to resume (no checkpoints/ directory)")
         out.mkdir(parents=True, exist_ok=True)
+
+    def _wrap_model(self) -> torch.nn.Module:
+        """The module the loop trains: DDP or FSDP2 under torchrun (llmkit.parallel overrides for tp/pp/cp)."""
+        return dist_utils.wrap(self.raw_model, self.env, self.cfg)
+
+    def _param_owner(self) -> torch.nn.Module:
+        """The module whose parameters the optimiser steps and sharded checkpoints hold, under the model's names."""
+        return self.raw_model
+
+    def _data_shard(self) -> tuple[int, int]:
+        """(rank, world size) among the processes that read different windows of the global batch."""
+        return self.env.rank, self.env.world_size
 
     def _load_tokenizer(self) -> Tokenizer:
         cfg = self.cfg
@@ -207,6 +220,26 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         micro = [make_batch(cfg.objective, *self.train_data.next_batch(cfg.micro_batch_size), gen,
                             self.raw_model.config.vocab_size, self.tokenizer) for _ in range(accum)]
+        loss_value = self._forward_backward(micro)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_grad_norm()
+        record = {"step": self.step + 1, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm, "batch_windows": accum * cfg.micro_batch_size * self.data_world}
+        self._apply_update(record, grad_norm)
+        tokens = accum * cfg.micro_batch_size * cfg.seq_len * self.data_world
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - start
+        record.update(tokens=self.tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+        if cfg.precision == "fp16":
+            record["loss_scale"] = self.scaler.get_scale()
+        mfu = dist_utils.mfu(self.raw_model.config, cfg.seq_len, tokens / elapsed, self.device, env.world_size)
+        if mfu is not None:
+            record["mfu"] = round(mfu, 4)
+        return record
+
+    def _forward_backward(self, micro: list) -> float:
+        """Forward and backward over one step's micro-batches; returns the global batch's mean loss."""
+        env, accum = self.env, len(micro)
         # normalise by the labelled tokens of the whole global batch, so any split over ranks and
         # micro-batches gives the single-process gradient
         n_local = sum(int((labels != -100).sum()) for _, labels, _ in micro)
@@ -220,22 +253,10 @@ class Trainer:
                 loss = lm_loss(logits, labels, reduction="sum")
             self.scaler.scale(loss * env.world_size / n_global).backward()
             loss_sum += loss.detach()
-        loss_value = dist_utils.all_reduce_sum(float(loss_sum), env) / n_global
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = dist_utils.clip_grad_norm(self.raw_model, cfg.grad_clip, env)
-        record = {"step": self.step + 1, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm, "batch_windows": accum * cfg.micro_batch_size * env.world_size}
-        self._apply_update(record, grad_norm)
-        tokens = accum * cfg.micro_batch_size * cfg.seq_len * env.world_size
-        self.tokens_seen += tokens
-        elapsed = time.perf_counter() - start
-        record.update(tokens=self.tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
-        if cfg.precision == "fp16":
-            record["loss_scale"] = self.scaler.get_scale()
-        mfu = dist_utils.mfu(self.raw_model.config, cfg.seq_len, tokens / elapsed, self.device, env.world_size)
-        if mfu is not None:
-            record["mfu"] = round(mfu, 4)
-        return record
+        return dist_utils.all_reduce_sum(float(loss_sum), env) / n_global
+
+    def _clip_grad_norm(self) -> float:
+        return dist_utils.clip_grad_norm(self.raw_model, self.cfg.grad_clip, self.env)
 
     def _apply_update(self, record: dict, grad_norm: float) -> bool:
         """Spike guard, then the optimiser step, or its skip on a non-finite loss or gradient; True if applied."""
@@ -286,21 +307,20 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         try:
-            val = TokenWindows(cfg.data, "val", cfg.seq_len, shuffle=False, rank=self.env.rank,
-                               world_size=self.env.world_size)
+            val = TokenWindows(cfg.data, "val", cfg.seq_len, shuffle=False, rank=self.data_rank,
+                               world_size=self.data_world)
         except ValueError:  # no validation split (or too small): report nothing rather than fail the run
             return {}
         total, count = 0.0, 0
-        for _ in range(min(cfg.eval_batches, max(1, len(val) // (cfg.micro_batch_size * self.env.world_size)))):
+        for _ in range(min(cfg.eval_batches, max(1, len(val) // (cfg.micro_batch_size * self.data_world)))):
             x, y = val.next_batch(cfg.micro_batch_size)
             extra = {}
             if cfg.objective in OBJECTIVE_ARCHITECTURE:  # encoders have no causal loss: score their own objective
                 x, y, extra = make_batch(cfg.objective, x, y, torch.Generator().manual_seed(cfg.seed),
                                          self.raw_model.config.vocab_size, self.tokenizer)
-            with self._autocast():
-                logits = self.forward(x.to(self.device), **{k: v.to(self.device) for k, v in extra.items()})
-            total += float(lm_loss(logits, y.to(self.device), reduction="sum"))
-            count += int((y != -100).sum())
+            loss_sum, tokens = self._eval_loss_sum(x.to(self.device), y.to(self.device),
+                                                   {k: v.to(self.device) for k, v in extra.items()})
+            total, count = total + loss_sum, count + tokens
         total = dist_utils.all_reduce_sum(total, self.env)
         count = dist_utils.all_reduce_sum(float(count), self.env)
         val_loss = total / count
@@ -308,6 +328,12 @@ class Trainer:
         if self.env.is_main and cfg.sample_tokens and self.raw_model.config.architecture != "encoder":
             out["sample"] = self.sample()
         return out
+
+    def _eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor, extra: dict) -> tuple[float, int]:
+        """(summed loss, labelled tokens) this rank adds to the validation totals."""
+        with self._autocast():
+            logits = self.forward(x, **extra)
+        return float(lm_loss(logits, y, reduction="sum")), int((y != -100).sum())
 
     def sample(self) -> str:
         from llmkit.infer.generate import GenerationConfig, generate_text
@@ -367,14 +393,15 @@ class Trainer:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         tmp = Path(dist_utils.broadcast_object(str(tmp) if tmp else None, env))
-        state = dist_utils.model_state_for_save(self.model, self.raw_model, env)
+        state = self._full_state_dict()
         if env.is_main:
             write_checkpoint_files(self.raw_model, self.tokenizer, tmp, "5GB", state_dict=state)
             write_card(tmp, self._card())
             (tmp / "data_state.json").write_text(json.dumps(self.train_data.state_dict()))
         dist_utils.barrier(env)
         torch.save(self._trainer_state(), tmp / f"trainer_state-rank{env.rank}.pt")
-        dist_utils.save_sharded(self.model, self.optimizer, tmp / "dcp", env, self.cfg)
+        if dist_utils.sharded(env, self.cfg) or self.cfg.dcp_checkpoint:
+            dist_utils.save_sharded(self._param_owner(), self.optimizer, tmp / "dcp")
         dist_utils.barrier(env)
         if env.is_main:
             if final.exists():
@@ -383,6 +410,10 @@ class Trainer:
             self._prune_checkpoints()
         dist_utils.barrier(env)
         return final
+
+    def _full_state_dict(self) -> dict | None:
+        """The unsharded weights on rank 0 for safetensors; None means the raw model's own."""
+        return dist_utils.model_state_for_save(self.model, self.raw_model, self.env)
 
     def _trainer_state(self) -> dict:
         state = {
@@ -414,14 +445,18 @@ class Trainer:
 
         env = self.env
         state_file = path / f"trainer_state-rank{env.rank}.pt"
+        reshardable = (path / "dcp").is_dir()
+        if not state_file.is_file() and reshardable:  # written at another layout: loop state is rank 0's
+            state_file = path / "trainer_state-rank0.pt"
         if not state_file.is_file():
             raise TrainError(f"{state_file}: missing; was the checkpoint written with the same number of processes?")
         # weights_only: a checkpoint's trainer state can hold tensors and plain containers, never code
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-        if state["world_size"] != env.world_size:
-            raise TrainError(f"{path}: written by {state['world_size']} processes, this run has {env.world_size}")
-        if dist_utils.sharded(env, self.cfg):
-            dist_utils.load_sharded(self.model, self.optimizer, path / "dcp", env, self.cfg)
+        if state["world_size"] != env.world_size and not reshardable:
+            raise TrainError(f"{path}: written by {state['world_size']} processes, this run has {env.world_size} "
+                             "(a checkpoint with a dcp/ folder reshards: see recipe field dcp_checkpoint)")
+        if dist_utils.sharded(env, self.cfg) or "optimizer" not in state:
+            dist_utils.load_sharded(self._param_owner(), self.optimizer, path / "dcp")
         else:
             from llmkit.checkpoint import from_hf_state_dict, hf_model_type, tie_state_dict
 
@@ -448,7 +483,7 @@ class Trainer:
     def save_final(self) -> Path:
         """The trained model alone (no optimiser state) at OUT/model, with its card."""
         env = self.env
-        state = dist_utils.model_state_for_save(self.model, self.raw_model, env)
+        state = self._full_state_dict()
         target = self.out / "model"
         if env.is_main:
             tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=self.out))
