@@ -57,7 +57,7 @@ class Layout:
     def describe(self) -> str:
         return " x ".join(f"{k} {v}" for k, v in self.degrees().items() if v > 1) or "single process"
 
-    def validate_counts(self, world_size: int, micro_batch_size: int, seq_len: int) -> None:
+    def validate_counts(self, world_size: int, micro_batch_size: int) -> None:
         """Checks that need no model: the degrees multiply to the world size, micro-batches divide the batch."""
         if self.world_size != world_size:
             raise PlanError(f"bad parallel layout: tp {self.tp} x pp {self.pp} x dp_shard {self.dp_shard} x "
@@ -66,9 +66,6 @@ class Layout:
         if self.pp > 1 and micro_batch_size % self.microbatches:
             raise PlanError(f"bad parallel layout: microbatches {self.microbatches} does not divide "
                             f"micro_batch_size {micro_batch_size} (the pipeline splits each micro-batch)")
-        if self.tp > 1 and seq_len % self.tp:
-            raise PlanError(f"bad parallel layout: sequence parallelism splits seq_len {seq_len} over tp "
-                            f"{self.tp}, which does not divide it")
 
     def validate(self, config: ModelConfig, world_size: int, seq_len: int) -> None:
         """Every check of llmkit.plan.validate_layout plus the model features the split supports."""
@@ -79,6 +76,9 @@ class Layout:
         if (self.tp > 1 or self.pp > 1 or self.cp > 1) and unsupported:
             raise PlanError(f"bad parallel layout: {self.describe()} splits only pre-norm rotary decoders with "
                             f"untied embeddings; this model has {', '.join(unsupported)}")
+        if self.tp > 1 and seq_len % self.tp:
+            raise PlanError(f"bad parallel layout: sequence parallelism splits seq_len {seq_len} over tp "
+                            f"{self.tp}, which does not divide it")
 
 
 def unsupported_features(config: ModelConfig) -> list[str]:

@@ -39,7 +39,7 @@ def recipe_model_config(cfg: TrainConfig) -> ModelConfig | None:
 def check_before_start(cfg: TrainConfig, layout: Layout) -> None:
     """Refuse a layout that cannot run before any process group, model or data exists."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout.validate_counts(world, cfg.micro_batch_size, cfg.seq_len)
+    layout.validate_counts(world, cfg.micro_batch_size)
     config = recipe_model_config(cfg)
     if config is not None:
         layout.validate(config, world, cfg.seq_len)

@@ -455,7 +455,7 @@ class Trainer:
         if state["world_size"] != env.world_size and not reshardable:
             raise TrainError(f"{path}: written by {state['world_size']} processes, this run has {env.world_size} "
                              "(a checkpoint with a dcp/ folder reshards: see recipe field dcp_checkpoint)")
-        if dist_utils.sharded(env, self.cfg) or "optimizer" not in state:
+        if reshardable:  # model and optimiser by parameter name: any layout loads it
             dist_utils.load_sharded(self._param_owner(), self.optimizer, path / "dcp")
         else:
             from llmkit.checkpoint import from_hf_state_dict, hf_model_type, tie_state_dict
