@@ -237,8 +237,13 @@ class Experts(nn.ModuleList):
     """
 
     def forward(self, xs: Tensor, counts: list[int]) -> Tensor:
-        chunks = xs.split(counts)
-        return torch.cat([expert(chunk) if len(chunk) else chunk for expert, chunk in zip(self, chunks)])
+        return run_experts(list(self), xs, counts)
+
+
+def run_experts(experts: list[nn.Module], xs: Tensor, counts: list[int]) -> Tensor:
+    """Expert i on the next counts[i] rows of xs, for each i in turn; outputs in the same order."""
+    chunks = xs.split(counts)
+    return torch.cat([expert(chunk) if len(chunk) else chunk for expert, chunk in zip(experts, chunks, strict=True)])
 
 
 class Routing:

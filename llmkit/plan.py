@@ -265,9 +265,30 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
         blocks_with_attn, blocks_with_mlp = L + 2 * Ld, L + Ld
         out.update(positions=2 * cfg.relative_buckets * H, attention=blocks_with_attn * attn, mlp=blocks_with_mlp * mlp,
                    norms=(2 * L + 3 * Ld + 2) * norm)
+    moe_extra = cfg.n_moe_layers * (cfg.moe_layer_params() - mlp)  # MoE blocks: router and experts, not one MLP
+    out["mlp"] += moe_extra
     out["total"] = sum(out.values())
-    out["linear_in_blocks"] = blocks_with_attn * attn_linear + blocks_with_mlp * mlp_linear
+    out["linear_in_blocks"] = blocks_with_attn * attn_linear + blocks_with_mlp * mlp_linear + moe_extra
     return out
+
+
+def moe_counts(cfg: ModelConfig, seq_len: int) -> dict[str, Any] | None:
+    """Total and active (per-token) parameters of a mixture of experts, and its FLOPs per token.
+
+    Forward FLOPs per token: 2 per active matmul parameter (the embedding lookup is free) plus attention's
+    4 * n_layer * seq_len * n_head * head_dim (PaLM appendix B); training is 3x that (forward + backward).
+    A dense model of the same total size would cost the `dense_*` figures.
+    """
+    if not cfg.n_experts:
+        return None
+    lookup = cfg.vocab_size * cfg.d_model if not cfg.tie_embeddings else 0
+    attention = 4 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
+    total, active = cfg.n_params, cfg.n_active_params
+    forward, dense_forward = 2 * (active - lookup) + attention, 2 * (total - lookup) + attention
+    return {"experts": cfg.n_experts, "top_k": cfg.moe_top_k, "moe_layers": cfg.n_moe_layers,
+            "shared_expert_d_ff": cfg.shared_expert_d_ff, "total_params": total, "active_params": active,
+            "active_fraction": active / total, "flops_per_token_forward": forward,
+            "flops_per_token_train": 3 * forward, "dense_flops_per_token_train": 3 * dense_forward}
 
 
 def lora_params(cfg: ModelConfig, rank: int, targets: str) -> int:
@@ -511,9 +532,10 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
 
     # -- compute
     tokens = pc.tokens if pc.tokens is not None else 20.0 * n_params
-    if pc.method == "full":
-        flops = (8 if pc.activation_checkpointing else 6) * n_params * tokens
-        formula = "8ND" if pc.activation_checkpointing else "6ND"
+    moe = moe_counts(cfg, seq_len) if cfg is not None else None
+    if pc.method == "full":  # a mixture of experts computes with its active parameters only
+        flops = (8 if pc.activation_checkpointing else 6) * (moe["active_params"] if moe else n_params) * tokens
+        formula = ("8ND" if pc.activation_checkpointing else "6ND") + (", N active" if moe else "")
     else:  # forward 2N, backward through frozen weights 2N (activation grads only), trainable weights 6N_t
         flops = ((6 if pc.activation_checkpointing else 4) * n_params + 6 * trainable) * tokens
         formula = ("6ND" if pc.activation_checkpointing else "4ND") + " + 6*N_trainable*D"
@@ -547,6 +569,8 @@ def plan(pc: PlanConfig, suggestions: bool = True) -> dict[str, Any]:
         parallel["train_steps"] = math.ceil(tokens / parallel["tokens_per_step"])
         parallel["train_days"] = parallel["train_steps"] * parallel["time_s"]["step"] / 86400
         out["parallel"] = parallel
+    if moe is not None:
+        out["moe"] = moe
     if cfg is not None:
         out["inference"] = _inference(cfg, pc, n_params, seq_len, capacity)
     out["suggestions"] = suggest(pc) if suggestions and not memory["fits"] else []
@@ -582,7 +606,8 @@ def _inference(cfg: ModelConfig, pc: PlanConfig, n_params: int, seq_len: int, ca
     # matmul parameters: an untied input embedding (and learned positions) is a lookup, not a matmul
     lookup = (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model) + (
         cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0)
-    flops_token = 2 * (n_params - lookup) + 4 * cfg.n_layer * context * cfg.n_head * cfg.head_dim
+    matmul = n_params - lookup - (cfg.n_params - cfg.n_active_params)  # a MoE token skips the unchosen experts
+    flops_token = 2 * matmul + 4 * cfg.n_layer * context * cfg.n_head * cfg.head_dim
     total = n_params * wbytes + kv
     return {"dtype": dtype, "batch": pc.infer_batch, "context": context, "weights_gb": n_params * wbytes / GB,
             "kv_cache_gb": kv / GB, "kv_cache_per_token_mb": kv / (pc.infer_batch * context) / 1e6,
@@ -712,6 +737,8 @@ def format_plan(p: dict[str, Any]) -> str:
                  f"at ${c['usd_per_gpu_hour']}/GPU-hour")
     lines.append(f"  energy {c['energy_kwh']:.4g} kWh (PUE {s['pue']}), {c['co2_kg']:.4g} kg CO2e at "
                  f"{s['carbon_intensity']:g} g/kWh")
+    if p.get("moe"):
+        lines.append(_format_moe(p["moe"]))
     par = p.get("parallel")
     if par and (par["layout"]["world"] > 1 or _beyond_data_parallel_dict(par["layout"])):
         from llmkit.plan_parallel import format_layout
@@ -726,6 +753,15 @@ def format_plan(p: dict[str, Any]) -> str:
                      f" ({'fits' if inf['fits_one_gpu'] else 'does not fit'} on one GPU); "
                      f"{inf['flops_per_token']:.3g} FLOPs per token")
     return "\n".join(lines)
+
+
+def _format_moe(moe: dict[str, Any]) -> str:
+    shared = f" + a shared expert of width {moe['shared_expert_d_ff']}" if moe["shared_expert_d_ff"] else ""
+    return (f"  mixture of experts: top-{moe['top_k']} of {moe['experts']} experts{shared} in {moe['moe_layers']} "
+            f"blocks: {_count(moe['total_params'])} total, {_count(moe['active_params'])} active parameters "
+            f"({moe['active_fraction']:.0%}); {moe['flops_per_token_forward']:.3g} forward / "
+            f"{moe['flops_per_token_train']:.3g} training FLOPs per token "
+            f"(a dense model of the total size: {moe['dense_flops_per_token_train']:.3g})")
 
 
 def _beyond_data_parallel_dict(layout: dict[str, Any]) -> bool:

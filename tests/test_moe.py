@@ -7,11 +7,14 @@ import pytest
 import torch
 import transformers
 from test_parity import VOCAB, assert_logits_match
+from test_train import packed  # noqa: F401  (the same packed Tiny Shakespeare shard)
 
 import llmkit
 from llmkit.checkpoint import unfuse_experts
 from llmkit.config import ConfigError, ModelConfig
 from llmkit.model import MoE, Transformer
+from llmkit.train.recipe import TrainConfig
+from llmkit.train.trainer import Trainer
 
 
 def hf_moe_config(arch: str):
@@ -176,3 +179,47 @@ def test_hf_config_fields_round_trip(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="mlp_only_layers"):
         llmkit.load(tmp_path)
+
+
+def moe_recipe(packed, **overrides) -> TrainConfig:
+    base = dict(model="tiny-mixtral", data=str(packed), seq_len=32, micro_batch_size=8, max_steps=40, warmup_steps=3,
+                lr=3e-3, eval_every=0, eval_batches=1, save_every=40, sample_tokens=0, log_every=10, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_balancing_loss_evens_the_expert_load(packed, tmp_path):
+    """40 steps of tiny-mixtral (8 experts, top-2): the worst layer's busiest/idlest expert ratio over the last
+    10 steps, without and with the Switch balancing loss (measured: 252 without, experts left idle; 5.5 with)."""
+    ratios, dropped = {}, {}
+    for coef in (0.0, 0.01):
+        Trainer(moe_recipe(packed, model_overrides={"moe_aux_loss_coef": coef}), tmp_path / str(coef)).fit()
+        rows = [json.loads(line) for line in (tmp_path / str(coef) / "metrics.jsonl").read_text().splitlines()]
+        assert all(len(r["moe_load"]) == 2 and sum(r["moe_load"][0]) == 8 * 32 * 2 for r in rows)  # tokens x top-2
+        ratios[coef] = sum(r["moe_load_max_min"] for r in rows[-10:]) / 10
+        dropped[coef] = sum(r["moe_dropped"] for r in rows)
+    assert ratios[0.01] < 10 < 50 < ratios[0.0], ratios
+    assert dropped == {0.0: 0, 0.01: 0}  # tiny-mixtral is dropless
+
+
+def test_capacity_drops_are_logged(packed, tmp_path):
+    Trainer(moe_recipe(packed, model="tiny-switch", max_steps=3, save_every=3), tmp_path / "switch").fit()
+    rows = [json.loads(line) for line in (tmp_path / "switch" / "metrics.jsonl").read_text().splitlines()]
+    capacity = math.ceil(1.25 * 8 * 32 / 8)
+    assert [r["moe_dropped"] for r in rows] == [sum(max(n - capacity, 0) for n in r["moe_load"][0]) for r in rows]
+    assert any(r["moe_dropped"] for r in rows) and all(math.isfinite(r["moe_z_loss"]) for r in rows)
+
+
+def test_plan_reports_total_and_active_parameters():
+    from llmkit.plan import PlanConfig, param_breakdown, plan
+
+    p = plan(PlanConfig(model="mixtral-8x7b", gpus=8, zero=3, tokens=1e9))
+    moe = p["moe"]  # Mixtral 8x7B's published sizes: 46.7B total, 12.9B active
+    assert round(moe["total_params"] / 1e9, 1) == 46.7 and round(moe["active_params"] / 1e9, 1) == 12.9
+    assert p["model"]["n_params"] == moe["total_params"]
+    assert p["compute"]["flops"] == 6 * moe["active_params"] * 1e9
+    cfg = ModelConfig.from_preset("mixtral-8x7b")
+    attention = 4 * 32 * 32768 * 32 * 128
+    assert moe["flops_per_token_forward"] == 2 * (moe["active_params"] - 32000 * 4096) + attention
+    tiny = ModelConfig.from_preset("tiny-switch")
+    assert param_breakdown(tiny)["total"] == Transformer(tiny).num_params() == tiny.n_params
+    assert cfg.n_active_params == moe["active_params"]

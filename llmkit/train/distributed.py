@@ -54,9 +54,12 @@ def sharded(env: DistEnv, cfg) -> bool:
 def wrap(model: nn.Module, env: DistEnv, cfg) -> nn.Module:
     if not env.distributed:
         return model
+    expert_params = expert_parallel(model, env, cfg)
     if cfg.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # each rank holds other experts: DDP must neither broadcast nor average them
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_params)
         return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
@@ -70,6 +73,19 @@ def wrap(model: nn.Module, env: DistEnv, cfg) -> nn.Module:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def expert_parallel(model: nn.Module, env: DistEnv, cfg) -> list[str]:
+    """With recipe field ep > 1: split every MoE layer's experts over the ranks; the expert parameters' names."""
+    ep = getattr(cfg, "ep", 1)
+    if ep == 1:
+        return []
+    if ep != env.world_size or cfg.parallel != "ddp":
+        raise ValueError(f"recipe field 'ep' ({ep}) needs parallel 'ddp' and ep = the number of processes "
+                         f"({env.world_size})")
+    from llmkit.train.expert_parallel import shard_experts
+
+    return shard_experts(model)
 
 
 def barrier(env: DistEnv) -> None:
@@ -106,6 +122,11 @@ def no_sync(model: nn.Module, env: DistEnv, last: bool):
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, env: DistEnv) -> float:
+    from llmkit.train.expert_parallel import clip_grad_norm as clip_with_experts, expert_parallel_group
+
+    group = expert_parallel_group(model) if env.distributed else None
+    if group is not None:  # other ranks hold other experts: their gradients count in the norm
+        return clip_with_experts(model, max_norm, group)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor norm
@@ -121,12 +142,17 @@ def mfu(cfg, seq_len: int, tokens_per_s: float, device: torch.device, world_size
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     if peak is None:
         return None
-    flops_per_token = 6 * cfg.n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    flops_per_token = 6 * cfg.n_active_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
     return flops_per_token * tokens_per_s / (peak * world_size)
 
 
 def model_state_for_save(model: nn.Module, raw_model: nn.Module, env: DistEnv) -> dict | None:
     """A full (unsharded) state dict on rank 0 for safetensors; None means use the raw model's."""
+    from llmkit.train.expert_parallel import expert_parallel_group, full_state_dict
+
+    group = expert_parallel_group(raw_model) if env.distributed else None
+    if group is not None:
+        return full_state_dict(raw_model, group)
     if not env.distributed or isinstance(model, nn.parallel.DistributedDataParallel):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -32,6 +32,64 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
                            reduction=reduction)
 
 
+class RouterLog:
+    """Mixture-of-experts auxiliary losses and routing figures over one optimiser step.
+
+    `loss(model, accum)` after each micro-batch's forward gives the term to add to its loss:
+    (moe_aux_loss_coef * balance + moe_z_loss_coef * z-loss) summed over the MoE layers, over accum so
+    the step's gradient is that of the mean over micro-batches (and, averaged by DDP, over ranks).
+    `record()` at the end of the step: per-layer per-expert routed assignments and dropped ones (summed
+    over micro-batches and ranks), the worst layer's max/min load, mean balance and z-losses.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loads: list[Tensor] = []  # per MoE layer, assignments per expert
+        self.dropped, self.balance, self.z, self.count = 0, 0.0, 0.0, 0
+
+    def loss(self, model: torch.nn.Module, accum: int) -> Tensor | float:
+        from llmkit.model import MoE
+
+        layers = [m for m in model.modules() if isinstance(m, MoE) and m.stats is not None]
+        stats = [m.stats for m in layers]
+        for m in layers:
+            m.stats = None  # read once: the next forward's are its own
+        if not stats:
+            return 0.0
+        cfg = model.config
+        aux = sum(cfg.moe_aux_loss_coef * s["balance_loss"] + cfg.moe_z_loss_coef * s["z_loss"] for s in stats)
+        loads = [s["load"].cpu() for s in stats]
+        self.loads = loads if not self.loads else [a + b for a, b in zip(self.loads, loads)]
+        self.dropped += sum(int(s["dropped"]) for s in stats)
+        self.balance += sum(float(s["balance_loss"].detach()) for s in stats) / len(stats)
+        self.z += sum(float(s["z_loss"].detach()) for s in stats) / len(stats)
+        self.count += 1
+        return aux / accum
+
+    def record(self) -> dict:
+        """The step's figures for metrics.jsonl (empty for a dense model); resets for the next step."""
+        if not self.count:
+            return {}
+        import torch.distributed as dist
+
+        loads = torch.stack(self.loads)
+        means = torch.tensor([self.dropped, self.balance, self.z, self.count], dtype=torch.float64)
+        if dist.is_initialized():  # every rank routed its own tokens
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            loads, means = loads.to(device), means.to(device)
+            dist.all_reduce(loads)
+            dist.all_reduce(means)
+        loads = loads.cpu()
+        dropped, balance, z, count = means.tolist()
+        ratio = (loads.max(1).values.float() / loads.min(1).values.clamp(min=1).float()).max()
+        out = {"moe_balance_loss": balance / count, "moe_z_loss": z / count,
+               "moe_load_max_min": round(float(ratio), 3), "moe_dropped": int(dropped), "moe_load": loads.tolist()}
+        self.reset()
+        return out
+
+
 def make_batch(objective: str, x: Tensor, y: Tensor, generator: torch.Generator, vocab_size: int,
                tokenizer=None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """(input_ids, labels, the model's other keyword arguments) for one batch of windows.

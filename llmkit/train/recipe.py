@@ -70,6 +70,8 @@ class TrainConfig:
     parallel: str = opt("ddp", "with torchrun: ddp or fsdp", choices=["ddp", "fsdp"])
     fsdp_reshard: bool = opt(True, "fsdp: free gathered parameters after forward (ZeRO-3); false = ZeRO-2")
     cpu_offload: bool = opt(False, "fsdp: keep parameters, gradients and optimiser states on the CPU")
+    ep: int = opt(1, "expert parallelism (ddp, MoE models): experts split over this many processes, all of them; "
+                  "tokens go to their experts' process and back by all-to-all")
     # parallel layout (torchrun; llmkit/parallel): the degrees multiply to the world size, any left out is 1
     tp: int = opt(1, "tensor-parallel degree (Megatron-style, with sequence parallelism and a vocabulary-parallel loss)")
     pp: int = opt(1, "pipeline-parallel stages (blocks split evenly; embedding first, norm and head last)")
@@ -88,6 +90,8 @@ class TrainConfig:
                      "dp_replicate", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe field {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.ep < 1:
+            raise ValueError(f"recipe field 'ep' must be >= 1, got {self.ep}")
         if not self.data:
             raise ValueError("recipe field 'data' is required: a directory written by `llmkit data pack`")
         if self.lr <= 0:

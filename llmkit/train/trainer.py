@@ -32,7 +32,7 @@ from llmkit.data.pack import TokenWindows, read_index, tokenizer_hash
 from llmkit.model import Transformer, build_model
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed as dist_utils
-from llmkit.train.objectives import OBJECTIVE_ARCHITECTURE, check_objective, lm_loss, make_batch
+from llmkit.train.objectives import OBJECTIVE_ARCHITECTURE, RouterLog, check_objective, lm_loss, make_batch
 from llmkit.train.optim import build_optimizer, lr_multiplier
 from llmkit.train.recipe import TrainConfig
 
@@ -74,6 +74,7 @@ class Trainer:
         self.train_data = TokenWindows(cfg.data, "train", cfg.seq_len, cfg.seed, True, self.data_rank,
                                        self.data_world)
         self.step, self.tokens_seen, self.recent_losses = 0, 0, deque(maxlen=cfg.spike_window)
+        self.router_log = RouterLog()  # MoE auxiliary losses and per-expert load (nothing for dense models)
         torch.manual_seed(cfg.seed + 1 + self.env.rank)  # dropout differs per rank, reproducibly
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         if resume:
@@ -229,7 +230,7 @@ class Trainer:
         tokens = accum * cfg.micro_batch_size * cfg.seq_len * self.data_world
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - start
-        record.update(tokens=self.tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+        record.update(tokens=self.tokens_seen, tokens_per_s=round(tokens / elapsed, 1), **self.router_log.record())
         if cfg.precision == "fp16":
             record["loss_scale"] = self.scaler.get_scale()
         mfu = dist_utils.mfu(self.raw_model.config, cfg.seq_len, tokens / elapsed, self.device, env.world_size)
@@ -251,7 +252,8 @@ class Trainer:
             with dist_utils.no_sync(self.model, env, last=i == accum - 1), self._autocast():
                 logits = self.forward(inputs, **extra)
                 loss = lm_loss(logits, labels, reduction="sum")
-            self.scaler.scale(loss * env.world_size / n_global).backward()
+                aux = self.router_log.loss(self.raw_model, accum)
+            self.scaler.scale(loss * env.world_size / n_global + aux).backward()
             loss_sum += loss.detach()
         return dist_utils.all_reduce_sum(float(loss_sum), env) / n_global
 
@@ -516,6 +518,8 @@ def _postfix(record: dict) -> dict:
         out["val"] = f"{record['val_loss']:.4f}"
     if "mfu" in record:
         out["mfu"] = f"{record['mfu']:.1%}"
+    if "moe_load_max_min" in record:  # the most uneven MoE layer's busiest/idlest expert, and dropped assignments
+        out["moe max/min"], out["dropped"] = f"{record['moe_load_max_min']:.2f}", record["moe_dropped"]
     for key in ("reward_mean", "kl", "val_reward", "val_accuracy"):  # alignment runs (llmkit/align)
         if key in record:
             out[key.removesuffix("_mean")] = f"{record[key]:.3f}"
