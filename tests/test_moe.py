@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import transformers
-from test_parity import VOCAB, assert_logits_match
+from test_parity import VOCAB, assert_logits_match, hf_greedy
 from test_train import packed  # noqa: F401  (the same packed Tiny Shakespeare shard)
 
 import llmkit
@@ -79,6 +79,19 @@ def test_llmkit_moe_saves_as_hf_with_the_same_logits(arch, tmp_path):
     assert_logits_match(ours, hf)
     again, _ = llmkit.load(tmp_path)
     assert again.config.moe_capacity_factor == 1.5 and again.config.to_dict() == ours.config.to_dict()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_moe_greedy_generation_matches_hf(arch, use_cache, tmp_path):
+    from llmkit.infer.generate import GenerationConfig, generate
+
+    hf = make_hf_moe(arch, seed=3)
+    hf.save_pretrained(tmp_path)
+    ours, _ = llmkit.load(tmp_path)
+    prompt = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(5))
+    expected = hf_greedy(hf, prompt, torch.ones_like(prompt), 24, use_cache)
+    assert generate(ours, prompt.tolist(), GenerationConfig(max_new_tokens=24, use_cache=use_cache)) == expected
 
 
 def test_fused_expert_tensors_load(tmp_path):
