@@ -160,7 +160,8 @@ def test_bad_layouts_fail_before_any_process_group(packed, tmp_path, monkeypatch
 def test_stages_split_by_layer_and_keep_the_model_names():
     from llmkit.config import ModelConfig
     from llmkit.model import Transformer
-    from llmkit.parallel.pipeline import bubble_fraction, split_model
+    from llmkit.parallel.pipeline import split_model
+    from llmkit.plan_parallel import bubble_fraction
 
     def build():
         torch.manual_seed(0)

@@ -4,8 +4,10 @@ The batch's sequence dimension is split into 2·cp chunks, each rank taking a he
 (load balance under the causal mask), and SDPA is replaced by a ring of key/value exchanges.
 PyTorch implements the ring only for the CUDA SDPA kernels (aten._scaled_dot_product_flash_attention,
 _efficient_attention and _cudnn_attention, see torch/distributed/tensor/experimental/_context_parallel/
-_attention.py); the CPU kernel (_scaled_dot_product_flash_attention_for_cpu) has no ring version, so
-cp > 1 runs on CUDA devices only and is refused on CPU before any process group starts.
+_attention.py); the CPU kernel has no ring version. Tried on 2 gloo processes (torch 2.13, CPU), SDPA inside
+`context_parallel` raises "NotImplementedError: Operator aten._scaled_dot_product_flash_attention_for_cpu.default
+does not have a sharding strategy registered". So cp > 1 runs on CUDA devices only (NCCL) and is refused on
+CPU with one line before any process group starts.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Stage s of S holds blocks stage_layers(n_layer, S)[s] (the first stages take one
 divide the depth); the embedding lives on the first stage, the final norm and the head on the last.
 Interleaved 1F1B (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
 Clusters Using Megatron-LM", sec. 2.2.2) gives each rank v stages: rank r holds r, r + p, r + 2p, ...
+The bubble fraction the trainer logs is llmkit.plan_parallel.bubble_fraction: (p - 1) / (m + p - 1) for
+GPipe and 1F1B (Huang et al. 2019; Narayanan et al. 2021 sec. 2.2.1), (p - 1) / (v m + p - 1) interleaved.
 Parameter names inside a stage are those of the whole model (`model.layers.5.mlp.up_proj.weight`),
 so DCP checkpoints of any layout load into any other.
 """
@@ -20,13 +22,6 @@ from llmkit.model import Backbone, ForwardContext, Transformer
 from llmkit.plan import stage_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
-
-
-def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
-    """Idle fraction of a pipelined step: (p - 1) / (m + p - 1) for GPipe and 1F1B (Huang et al. 2019,
-    GPipe sec. 2.2; Narayanan et al. 2021 sec. 2.2.1), (p - 1) / (v m + p - 1) with v interleaved
-    stages per rank (the bubble shrinks v-fold, Narayanan et al. 2021 sec. 2.2.2)."""
-    return (pp - 1) / (virtual_stages * microbatches + pp - 1)
 
 
 class StageModule(nn.Module):
@@ -60,7 +55,8 @@ class StageModule(nn.Module):
         cos, sin = Backbone._rope(self, positions, x.dtype)
         ctx = ForwardContext(cos, sin, None, T > 1, None, None)
         for layer in self.model.layers.values():
-            if self.gradient_checkpointing and self.training:
+            # the holder module, not this stage, gets train()/eval(): read the mode off the shared block
+            if self.gradient_checkpointing and layer.training:
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)

@@ -19,7 +19,7 @@ from llmkit.config import PRESETS, ModelConfig
 from llmkit.parallel.context import check_context_parallel
 from llmkit.parallel.engine import ParallelModel
 from llmkit.parallel.layout import Layout
-from llmkit.parallel.pipeline import bubble_fraction
+from llmkit.plan_parallel import bubble_fraction
 from llmkit.train import distributed as dist_utils
 from llmkit.train.recipe import TrainConfig
 from llmkit.train.trainer import TrainError, Trainer
