@@ -83,13 +83,16 @@ def test_two_processes_tp_and_every_pipeline_schedule(packed, reference, tmp_pat
         "pp2-1f1b": ["--pp", "2", "--pp-schedule", "1f1b", "--microbatches", "4", "--activation-checkpointing"],
         "pp2-interleaved": ["--pp", "2", "--pp-schedule", "interleaved-1f1b", "--microbatches", "2"],
         "tp2-bf16": ["--tp", "2", "--precision", "bf16"],
+        "pp2-bf16": ["--pp", "2", "--microbatches", "2", "--precision", "bf16"],
+        "replicate2": ["--dp-replicate", "2", "--micro-batch-size", "2"],  # HSDP with a shard group of 1
     }
     launch({name: common(packed, 4) + flags + ["--out", str(tmp_path / name)] for name, flags in runs.items()},
            2, tmp_path)
-    for name in ("tp2", "pp2-gpipe", "pp2-1f1b", "pp2-interleaved"):
+    for name in ("tp2", "pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "replicate2"):
         assert max_delta(losses(tmp_path / name), reference["fp32"]) <= 1e-5, name
     bf16 = single(packed, tmp_path / "single-bf16", "--precision", "bf16")
-    assert max_delta(losses(tmp_path / "tp2-bf16"), bf16) <= 2e-2  # bf16 rounding differs with the split
+    for name in ("tp2-bf16", "pp2-bf16"):  # autocast: bf16 rounding differs with the split
+        assert max_delta(losses(tmp_path / name), bf16) <= 2e-2, name
     events = [json.loads(line) for line in (tmp_path / "pp2-interleaved" / "events.jsonl").read_text().splitlines()]
     layout = next(e for e in events if e["event"] == "parallel_layout")
     assert layout["stages_per_rank"] == 2 and layout["bubble_fraction"] == pytest.approx(1 / 5)  # (p-1)/(vm+p-1)
@@ -97,16 +100,19 @@ def test_two_processes_tp_and_every_pipeline_schedule(packed, reference, tmp_pat
 
 def test_four_processes_composed_layouts_and_resharding_checkpoints(packed, reference, tmp_path):
     base = reference["root"] / "single"
-    # resume the single run's step-3 checkpoint as tp 2 x pp 2: drop what came after it
-    from_single = tmp_path / "from-single"
-    shutil.copytree(base, from_single)
-    shutil.rmtree(from_single / "checkpoints" / "step-00000005")
+    # resume the single run's step-3 checkpoint under other layouts: drop what came after it
+    for name in ("from-single", "pp2-fsdp2-from-single", "hsdp-from-single"):
+        shutil.copytree(base, tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-00000005")
     runs = {
         "tp2-dp2": common(packed, 2) + ["--tp", "2", "--dp-shard", "2"],
         "pp2-fsdp2": common(packed, 2) + ["--pp", "2", "--dp-shard", "2", "--microbatches", "2"],
         "hsdp": common(packed, 1) + ["--dp-replicate", "2", "--dp-shard", "2"],
         "tp2-pp2": common(packed, 4) + ["--tp", "2", "--pp", "2", "--microbatches", "2"],
         "from-single": common(packed, 4) + ["--tp", "2", "--pp", "2", "--microbatches", "2", "--resume"],
+        "pp2-fsdp2-from-single": common(packed, 2) + ["--pp", "2", "--dp-shard", "2", "--microbatches", "2",
+                                                      "--resume"],
+        "hsdp-from-single": common(packed, 1) + ["--dp-replicate", "2", "--dp-shard", "2", "--resume"],
     }
     launch({name: args + ["--out", str(tmp_path / name)] for name, args in runs.items()}, 4, tmp_path)
     for name in runs:
