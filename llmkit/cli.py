@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
@@ -77,8 +77,9 @@ def add_dataclass_options(p: Parser, cls) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
-def _add_model_options(p: Parser) -> None:
-    p.add_argument("--model", type=str, required=True, help="checkpoint directory (llmkit or Hugging Face)")
+def _add_model_options(p: Parser, required: bool = True) -> None:
+    p.add_argument("--model", type=str if required else str | None, required=required, default=None,
+                   help="checkpoint directory (llmkit or Hugging Face)")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--dtype", type=str, default="auto",
                    help="float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU)")
@@ -108,8 +109,13 @@ def generate_parser() -> Parser:
 
 
 def chat_parser() -> Parser:
-    p = _parser("llmkit chat", "Talk to a model in the terminal (chat template, history, /reset, Ctrl-D exits).")
-    _add_model_options(p)
+    p = _parser("llmkit chat", "Talk to a model in the terminal (chat template, history, /reset, Ctrl-D exits): "
+                               "a local checkpoint (--model) or a running `llmkit serve` (--url).")
+    _add_model_options(p, required=False)
+    p.add_argument("--url", type=str | None, default=None,
+                   help="an OpenAI-compatible server instead of --model, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", type=str | None, default=None,
+                   help="API key for --url (default: $LLMKIT_API_KEY, then $OPENAI_API_KEY)")
     p.add_argument("--system", type=str | None, default=None, help="system prompt")
     _add_sampling_options(p, temperature=0.7)
     return p
@@ -157,12 +163,9 @@ def run_generate(args: Namespace) -> None:
 
 
 def run_chat(args: Namespace, read: Callable[[str], str] = input) -> None:
-    from llmkit.infer.generate import stream_text
-
-    model, tokenizer = _load(args)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{args.model}: the tokenizer has no chat_template; chat needs one")
-    gen = _generation_config(args, tokenizer)
+    if bool(args.model) == bool(args.url):
+        raise ValueError("give exactly one of --model DIR (a local checkpoint) and --url URL (a running server)")
+    reply = _remote_replies(args) if args.url else _local_replies(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print("llmkit chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -181,16 +184,36 @@ def run_chat(args: Namespace, read: Callable[[str], str] = input) -> None:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt = tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
-        reply = []
+        parts = []
         try:
-            for delta in stream_text(model, tokenizer, prompt, gen):
-                reply.append(delta)
+            for delta in reply(system + history):
+                parts.append(delta)
                 print(delta, end="", flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             print(" [interrupted]", end="")
         print()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        history.append({"role": "assistant", "content": "".join(parts)})
+
+
+def _local_replies(args: Namespace) -> Callable[[list[dict]], Iterator[str]]:
+    """Reply deltas from a local checkpoint, through its chat template."""
+    from llmkit.infer.generate import stream_text
+
+    model, tokenizer = _load(args)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{args.model}: the tokenizer has no chat_template; chat needs one")
+    gen = _generation_config(args, tokenizer)
+    return lambda messages: stream_text(model, tokenizer,
+                                        tokenizer.apply_chat_template(messages, add_generation_prompt=True), gen)
+
+
+def _remote_replies(args: Namespace) -> Callable[[list[dict]], Iterator[str]]:
+    """Reply deltas streamed from a running OpenAI-compatible server (`llmkit serve`)."""
+    from llmkit.serve.client import ChatClient
+
+    client = ChatClient(args.url, args.api_key)
+    return lambda messages: client.stream(messages, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                          top_p=args.top_p, seed=args.seed, stop=list(args.stop))
 
 
 def run_tokenizer_train(args: Namespace) -> None:
@@ -258,7 +281,7 @@ COMMAND_MODULES: list[str] = ["llmkit.data.pack_cli", "llmkit.train.commands", "
                                "llmkit.eval.commands", "llmkit.rag.commands", "llmkit.train.finetune_commands",
                                "llmkit.train.distill_commands", "llmkit.infer.quantize_commands",
                                "llmkit.align.commands", "llmkit.agents.commands",
-                               "llmkit.infer.medusa_commands"]
+                               "llmkit.infer.medusa_commands", "llmkit.serve.commands"]
 
 
 def all_commands() -> dict[str, Command]:

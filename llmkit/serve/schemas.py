@@ -1,0 +1,124 @@
+"""Request bodies of the OpenAI API, as pydantic models; responses are built as plain dicts in app.py.
+
+Models are strict (a string is never coerced to a number, nor a number to a bool), so a wrong type is a 400
+naming its field. Fields OpenAI defines and this server does not use (`user`, `service_tier`, ...) are
+accepted and ignored, as OpenAI clients send them freely. Limits that depend on the server (max_tokens cap,
+context length, n) are checked in app.py against its configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions endpoint's limit
+
+Stop = str | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    # "developer" is OpenAI's newer name for the system role; it is rendered as "system"
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class SamplingRequest(_Strict):
+    """Fields chat and text completions share."""
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: Stop | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # token id (as a string key, as JSON objects must have) -> bias added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+PromptInput = (Annotated[str, StringConstraints(min_length=1)]
+               | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]
+               | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+               | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+                           Field(min_length=1)])
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: PromptInput
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        return split_prompts(self.prompt)
+
+
+class EmbeddingRequest(_Strict):
+    model: str | None = None
+    input: PromptInput
+    encoding_format: Literal["float", "base64"] = "float"
+
+    def inputs(self) -> list[str | list[int]]:
+        return split_prompts(self.input)
+
+
+def split_prompts(p: str | list) -> list[str | list[int]]:
+    """One entry per prompt (text, or token ids) of OpenAI's four `prompt` / `input` shapes."""
+    if isinstance(p, str):
+        return [p]
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    return list(p)
