@@ -1,7 +1,7 @@
 """Mixture-of-experts training speed: llmkit against transformers' Mixtral on the same shape and weights.
 
     python benchmarks/moe_gpu.py                          # GPU: 8 experts, top-2, ~1B total parameters, bf16 autocast
-    python benchmarks/moe_gpu.py --device cpu --tiny      # CPU smoke run at a tiny shape
+    OMP_NUM_THREADS=1 python benchmarks/moe_gpu.py --device cpu --tiny   # CPU smoke run at a tiny shape
 
 Both models start from the same weights (llmkit's, saved with llmkit.save and read by
 MixtralForCausalLM.from_pretrained), train on the same random batches with AdamW, the Switch balancing
@@ -86,6 +86,19 @@ def measure(model: torch.nn.Module, loss_fn: Callable, batches: list, device: to
             "first_losses": losses[:3], "step_ms": round(1000 * elapsed / (len(batches) - warmup), 1)}
 
 
+def measure_hf(path: str, impl: str, batches: list, device: torch.device, warmup: int, autocast: bool) -> dict:
+    """transformers' Mixtral from the same weights with one experts implementation; an error is reported, not
+    raised (grouped_mm needs a torch and GPU that have it)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", experts_implementation=impl,
+                                                  dtype=torch.float32).to(device)
+        return measure(hf, hf_loss(hf), batches, device, warmup, autocast)
+    except (KeyError, ValueError, RuntimeError) as e:
+        return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -123,17 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["results"]["llmkit"] = measure(model, llmkit_loss(model), batches, device, args.warmup, autocast)
         del model
         free(device)
-        from transformers import AutoModelForCausalLM
-
         for impl in args.hf_experts.split(","):
-            try:
-                hf = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", experts_implementation=impl,
-                                                          dtype=torch.float32).to(device)
-            except (KeyError, ValueError, RuntimeError) as e:  # grouped_mm needs a torch/GPU that has it
-                out["results"][f"transformers-{impl}"] = {"error": str(e).splitlines()[0]}
-                continue
-            out["results"][f"transformers-{impl}"] = measure(hf, hf_loss(hf), batches, device, args.warmup, autocast)
-            del hf
+            out["results"][f"transformers-{impl}"] = measure_hf(tmp, impl, batches, device, args.warmup, autocast)
             free(device)
     ours = out["results"]["llmkit"]["tokens_per_s"]
     out["speedup_vs_transformers"] = {k: round(ours / v["tokens_per_s"], 3) for k, v in out["results"].items()

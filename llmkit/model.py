@@ -242,8 +242,10 @@ class Experts(nn.ModuleList):
 
 def run_experts(experts: list[nn.Module], xs: Tensor, counts: list[int]) -> Tensor:
     """Expert i on the next counts[i] rows of xs, for each i in turn; outputs in the same order."""
-    chunks = xs.split(counts)
-    return torch.cat([expert(chunk) if len(chunk) else chunk for expert, chunk in zip(experts, chunks, strict=True)])
+    # experts without rows are skipped: they add no rows, and under autocast an empty fp32 input among
+    # bf16 outputs would promote the whole concatenation to fp32
+    outs = [expert(chunk) for expert, chunk in zip(experts, xs.split(counts), strict=True) if len(chunk)]
+    return torch.cat(outs) if outs else xs
 
 
 class Routing:
