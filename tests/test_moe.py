@@ -236,3 +236,26 @@ def test_plan_reports_total_and_active_parameters():
     tiny = ModelConfig.from_preset("tiny-switch")
     assert param_breakdown(tiny)["total"] == Transformer(tiny).num_params() == tiny.n_params
     assert cfg.n_active_params == moe["active_params"]
+
+
+def test_lora_finetuning_of_a_moe_checkpoint_logs_the_router(tmp_path):
+    """LoRA wraps every expert's projections; the fine-tuner adds the balancing loss and logs the load."""
+    from test_finetune import ALPACA, run_config
+
+    from llmkit.tokenizer import CHAT_TEMPLATES, train_tokenizer
+    from llmkit.train.finetune import FineTuner
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(json.loads(line)["output"] for line in ALPACA.read_text().splitlines()[:200]))
+    tok = train_tokenizer([corpus], "byte-bpe", 300, chat_template=CHAT_TEMPLATES["chatml"])
+    cfg = ModelConfig.from_preset("tiny-mixtral", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                  eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    base = llmkit.save(Transformer(cfg), tok, tmp_path / "base")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(ALPACA.read_text().splitlines(keepends=True)[:16]))
+    tuner = FineTuner(run_config(base, data, "lora", max_steps=3, save_every=3, target_modules="all-linear"),
+                      tmp_path / "lora")
+    assert any("experts.7.down_proj.lora_A" in name for name, _ in tuner.raw_model.named_parameters())
+    tuner.fit()
+    rows = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["moe_load"]) == 2 and r["moe_balance_loss"] > 0 for r in rows)

@@ -37,7 +37,7 @@ from llmkit.card import append_card_section, model_card, write_card
 from llmkit.data.sft import (SFTBatches, SFTStats, classification_labels, collate_classification, load_classification,
                              load_sft, split_val)
 from llmkit.train import distributed as dist_utils
-from llmkit.train.objectives import IGNORE, lm_loss, shift_right
+from llmkit.train.objectives import IGNORE, RouterLog, lm_loss, shift_right
 from llmkit.train.optim import build_optimizer, lr_multiplier
 from llmkit.train.finetune_commands import DEFAULT_TARGETS, FinetuneConfig  # noqa: F401  (FinetuneConfig: API)
 from llmkit.train.trainer import STEP_DIR, Trainer, TrainError
@@ -112,6 +112,7 @@ class FineTuner(Trainer):
 
             self.allocator = RankAllocator(model, self.peft_config)
         self.step, self.tokens_seen, self.recent_losses = 0, 0, deque(maxlen=cfg.spike_window)
+        self.router_log = RouterLog()  # MoE auxiliary losses and per-expert load (nothing for dense models)
         self.initial_val: dict = {}
         torch.manual_seed(cfg.seed + 1)  # dropout
         if resume:
@@ -269,7 +270,8 @@ class FineTuner(Trainer):
         for batch in micro:
             with self._autocast():
                 loss = self._batch_loss(batch)
-            self.scaler.scale(loss / n_labels).backward()
+                aux = self.router_log.loss(self._base_model(), len(micro))
+            self.scaler.scale(loss / n_labels + aux).backward()
             loss_sum += loss.detach()
         record = {"step": self.step + 1, "loss": float(loss_sum) / n_labels}
         if self.allocator is not None and self.peft_config.orth_reg_weight > 0:
@@ -285,7 +287,7 @@ class FineTuner(Trainer):
         tokens = sum(int((b["segment_ids"] > 0).sum()) for b in micro)
         self.tokens_seen += tokens
         record.update(tokens=self.tokens_seen, label_tokens=n_labels,
-                      tokens_per_s=round(tokens / (time.perf_counter() - start), 1))
+                      tokens_per_s=round(tokens / (time.perf_counter() - start), 1), **self.router_log.record())
         return record
 
     @torch.no_grad()
