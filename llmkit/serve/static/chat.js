@@ -161,8 +161,14 @@
     try {
       const response = await fetch("/v1/models", { headers: headers() });
       if (!response.ok) { setStatus(await errorText(response), true); return; }
-      model = (await response.json()).data[0].id;
+      const card = (await response.json()).data[0];
+      model = card.id;
       setStatus("model: " + model, false);
+      if (card.max_model_len) {  // room for a prompt too: at most half the context by default
+        ui.maxTokens.max = String(card.max_model_len - 1);
+        if (Number(ui.maxTokens.value) > card.max_model_len / 2) ui.maxTokens.value = String(Math.floor(card.max_model_len / 2));
+        $("max-tokens-value").textContent = ui.maxTokens.value;
+      }
     } catch (e) {
       setStatus("cannot reach the server", true);
     }
