@@ -24,10 +24,12 @@ def hf_moe_config(arch: str):
         return transformers.MixtralConfig(**common, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)
     return transformers.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=48,
                                        shared_expert_intermediate_size=80, num_experts=4, num_experts_per_tok=2,
-                                       norm_topk_prob=arch == "qwen2-moe-renorm")
+                                       norm_topk_prob=arch == "qwen2-moe-renorm",
+                                       decoder_sparse_step=2 if arch == "qwen2-moe-step2" else 1)
 
 
-MOE_ARCHS = ["mixtral", "qwen2-moe", "qwen2-moe-renorm"]
+# qwen2-moe-step2: block 0 is a dense MLP of intermediate_size, block 1 MoE
+MOE_ARCHS = ["mixtral", "qwen2-moe", "qwen2-moe-renorm", "qwen2-moe-step2"]
 
 
 def make_hf_moe(arch: str, seed: int = 0):
@@ -48,7 +50,8 @@ def llmkit_moe_config(arch: str) -> ModelConfig:
         return ModelConfig.from_preset("tiny-mixtral", **base, d_ff=96)
     return ModelConfig.from_preset("tiny-mixtral", **base, d_ff=128, moe_d_ff=48, qkv_bias=True,
                                    shared_expert_d_ff=80, shared_expert_gate=True,
-                                   moe_renormalize=arch == "qwen2-moe-renorm")
+                                   moe_renormalize=arch == "qwen2-moe-renorm",
+                                   moe_layer_step=2 if arch == "qwen2-moe-step2" else 1)
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -56,8 +59,9 @@ def test_hf_moe_checkpoint_loads_with_the_same_logits(arch, tmp_path):
     hf = make_hf_moe(arch)
     hf.save_pretrained(tmp_path)
     ours, _ = llmkit.load(tmp_path)
-    assert ours.config.n_experts == 4 and ours.config.moe_renormalize == (arch != "qwen2-moe")
-    assert isinstance(ours.model.layers[0].mlp, MoE)
+    assert ours.config.n_experts == 4 and ours.config.moe_renormalize == (arch in ("mixtral", "qwen2-moe-renorm"))
+    assert isinstance(ours.model.layers[0].mlp, MoE) == (arch != "qwen2-moe-step2")
+    assert isinstance(ours.model.layers[1].mlp, MoE)
     assert_logits_match(ours, hf)
 
 
