@@ -85,6 +85,8 @@ def test_two_processes_tp_and_every_pipeline_schedule(packed, reference, tmp_pat
         "tp2-bf16": ["--tp", "2", "--precision", "bf16"],
         "pp2-bf16": ["--pp", "2", "--microbatches", "2", "--precision", "bf16"],
         "replicate2": ["--dp-replicate", "2", "--micro-batch-size", "2"],  # HSDP with a shard group of 1
+        # a 2^40 loss scale overflows every step here: both stages must skip together and halve the scale
+        "pp2-fp16": ["--pp", "2", "--microbatches", "2", "--precision", "fp16", "--fp16-init-scale", str(2.0**40)],
     }
     launch({name: common(packed, 4) + flags + ["--out", str(tmp_path / name)] for name, flags in runs.items()},
            2, tmp_path)
@@ -93,6 +95,16 @@ def test_two_processes_tp_and_every_pipeline_schedule(packed, reference, tmp_pat
     bf16 = single(packed, tmp_path / "single-bf16", "--precision", "bf16")
     for name in ("tp2-bf16", "pp2-bf16"):  # autocast: bf16 rounding differs with the split
         assert max_delta(losses(tmp_path / name), bf16) <= 2e-2, name
+    fp16 = single(packed, tmp_path / "single-fp16", "--precision", "fp16", "--fp16-init-scale", str(2.0**40))
+    records = [json.loads(line) for line in (tmp_path / "pp2-fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_scale"] for r in records if r.get("skipped")] == [2.0 ** (39 - k) for k in range(STEPS)]
+    assert max_delta(losses(tmp_path / "pp2-fp16"), fp16) <= 2e-2
+    import llmkit
+
+    # no stage stepped on its own: the weights are the initial ones, as in the single run
+    stepped, _ = llmkit.load(tmp_path / "pp2-fp16" / "model")
+    unchanged, _ = llmkit.load(tmp_path / "single-fp16" / "model")
+    assert all(torch.equal(p, q) for p, q in zip(stepped.state_dict().values(), unchanged.state_dict().values()))
     events = [json.loads(line) for line in (tmp_path / "pp2-interleaved" / "events.jsonl").read_text().splitlines()]
     layout = next(e for e in events if e["event"] == "parallel_layout")
     assert layout["stages_per_rank"] == 2 and layout["bubble_fraction"] == pytest.approx(1 / 5)  # (p-1)/(vm+p-1)
@@ -146,6 +158,7 @@ def test_four_processes_composed_layouts_and_resharding_checkpoints(packed, refe
     (3, ["--tp", "3"], "tp 3 does not divide the 4 attention heads"),
     (2, ["--pp", "2", "--microbatches", "3"], "microbatches 3 does not divide micro_batch_size 4"),
     (2, ["--cp", "2"], "cp 2 needs CUDA"),
+    (4, ["--cp", "2", "--pp", "2", "--microbatches", "2"], "cp 2 with pp 2"),
     (2, ["--tp", "2", "--model", "tiny-gpt2"], "position 'learned', tied embeddings"),
 ])
 def test_bad_layouts_fail_before_any_process_group(packed, tmp_path, monkeypatch, capsys, world, flags, message):

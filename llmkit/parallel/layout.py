@@ -76,6 +76,9 @@ class Layout:
         if (self.tp > 1 or self.pp > 1 or self.cp > 1) and unsupported:
             raise PlanError(f"bad parallel layout: {self.describe()} splits only pre-norm rotary decoders with "
                             f"untied embeddings; this model has {', '.join(unsupported)}")
+        if self.cp > 1 and self.pp > 1:
+            raise PlanError(f"bad parallel layout: cp {self.cp} with pp {self.pp}: pipeline stages build their "
+                            "rotary positions locally, unsharded; combine cp with tp and dp only")
         if self.tp > 1 and seq_len % self.tp:
             raise PlanError(f"bad parallel layout: sequence parallelism splits seq_len {seq_len} over tp "
                             f"{self.tp}, which does not divide it")

@@ -61,6 +61,13 @@ class ParallelTrainer(Trainer):
         check_before_start(cfg, self.layout)
         cfg.dcp_checkpoint = True  # a split model's optimiser state exists only as DCP shards
         super().__init__(cfg, out, resume, overwrite, on_step)
+        if self.scaler.is_enabled():
+            # fp16: every rank must skip the same steps, so the inf/NaN flag is all-reduced over the ranks
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler = ShardedGradScaler(self.device.type, init_scale=cfg.fp16_init_scale)
+            scaler.load_state_dict(self.scaler.state_dict())  # a resumed run's scale
+            self.scaler = scaler
 
     # -- the split
 
@@ -94,6 +101,8 @@ class ParallelTrainer(Trainer):
         def scale(loss: Tensor) -> Tensor:
             return self.scaler.scale(loss * factor)
 
+        # earlier pipeline stages never scale a loss, but they unscale gradients: create the scale here too
+        self.scaler.scale(torch.zeros((), device=self.device))
         loss_sum = 0.0
         for i, (inputs, labels, _) in enumerate(micro):
             with self._autocast():
