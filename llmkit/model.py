@@ -286,14 +286,19 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
 
+    def choose(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [N,C] -> router logits and probabilities [N,E], each token's top-k weights and experts [N,k]."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits.float(), dim=-1)  # fp32: the top-k order must not flip under bf16
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, probs, weights, chosen
+
     def route(self, x: Tensor) -> Routing:
         """x [N,C] -> the kept assignments sorted by expert (first choices ahead of second ones)."""
         N, E, k = x.shape[0], self.n_experts, self.top_k
-        logits = self.gate(x)
-        probs = torch.softmax(logits.float(), dim=-1)  # fp32: the top-k order must not flip under bf16
-        weights, chosen = probs.topk(k, dim=-1)  # [N,k]
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
+        logits, probs, weights, chosen = self.choose(x)
         # choice-major (a = j*N + n), so under capacity an expert keeps every first choice before any
         # second one, each in token order (GShard's priority); a stable sort keeps that order per expert
         flat_expert = chosen.t().reshape(-1)
@@ -311,10 +316,13 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         x = x.reshape(B * T, C)
-        r = self.route(x)
-        ys = self.experts(x.index_select(0, r.tokens), r.kept.tolist())
-        # dropped assignments add nothing: a token dropped by all its experts passes on the residual alone
-        out = torch.zeros_like(x).index_add_(0, r.tokens, (ys * r.weights[:, None]).to(x.dtype))
+        if torch.compiler.is_compiling() and not self.training:
+            out = self.every_expert(x)
+        else:
+            r = self.route(x)
+            ys = self.experts(x.index_select(0, r.tokens), r.kept.tolist())
+            # dropped assignments add nothing: a token dropped by all its experts passes on the residual alone
+            out = torch.zeros_like(x).index_add_(0, r.tokens, (ys * r.weights[:, None]).to(x.dtype))
         if hasattr(self, "shared_expert"):
             shared = self.shared_expert(x)
             if hasattr(self, "shared_expert_gate"):
@@ -323,6 +331,20 @@ class MoE(nn.Module):
         if self.training:
             self.stats = self.router_stats(r)
         return out.view(B, T, C)
+
+    def every_expert(self, x: Tensor) -> Tensor:
+        """Every expert on every token, weighted by its routing weight (0 unless in the token's top-k).
+
+        For torch.compile's static-shape graphs (the compiled decode step), which cannot follow the
+        data-dependent row counts of `route`; a decode step has few tokens, so the extra compute is small.
+        """
+        _, _, weights, chosen = self.choose(x)
+        dense = torch.zeros(x.shape[0], self.n_experts, device=x.device, dtype=weights.dtype)
+        dense = dense.scatter(1, chosen, weights)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (expert(x) * dense[:, e:e + 1]).to(x.dtype)
+        return out
 
     def router_stats(self, r: Routing) -> dict[str, Tensor]:
         """Switch balance loss E * sum_i f_i * P_i (f_i: share of assignments, P_i: mean router probability;

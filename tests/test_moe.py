@@ -169,7 +169,9 @@ def test_dispatch_and_dropped_tokens_equal_a_naive_count(preset, capacity):
     with torch.no_grad():
         full = layer(x)
         one = layer(x[:1, :5])
+        every = layer.every_expert(x.view(-1, 64))  # the static-shape path compiled decoding takes
     assert torch.allclose(full[:1, :5], one, atol=1e-6)
+    assert torch.allclose(every, full.view(-1, 64), atol=1e-6)
 
 
 def test_balance_and_z_loss_equal_their_formulas():
