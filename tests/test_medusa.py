@@ -106,7 +106,7 @@ def test_tree_logits_equal_each_path_run_alone(arch):
     with torch.no_grad():
         model.setup_cache(1, cur + tree.size)
         model.model(prompt, slots=torch.arange(cur), kv_len=cur)
-        logits, _ = _Verifier(model, compiled=False)(tree, tokens, cur, cur + tree.size)
+        logits, _ = _Verifier(model, compiled=False)(tree, tokens, cur)
         model.clear_cache()
         for i in range(tree.size):
             chain = [i]

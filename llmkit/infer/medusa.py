@@ -30,14 +30,17 @@ import math
 import shutil
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit.infer.fast import compiled_decoder
 from llmkit.infer.generate import GenerationConfig
 from llmkit.infer.medusa_commands import MedusaTrainConfig
 from llmkit.infer.sampling import make_generator, sample
@@ -462,33 +465,52 @@ def check_generation(model: Transformer, heads: MedusaHeads, gen: GenerationConf
         raise MedusaError(f"the tree is {tree.depth} levels deep but there are only {heads.config.num_heads} heads")
 
 
+def _tree_forward(model: Transformer, tokens: Tensor, positions: Tensor, slots: Tensor,
+                  mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits [N, V] and hidden states [N, C] of the tree tokens [1, N] written at cache `slots`."""
+    hidden = model.model(tokens, position_ids=positions, slots=slots, kv_len=mask.shape[-1], attn_mask=mask)[0]
+    return model.lm_head(hidden), hidden
+
+
+_compiled_forwards: weakref.WeakKeyDictionary[Transformer, Callable] = weakref.WeakKeyDictionary()
+
+
+def compiled_tree_forward(model: Transformer) -> Callable:
+    """`_tree_forward` of this model compiled once (a CUDA graph on GPU) and kept as long as the model lives."""
+    if model not in _compiled_forwards:
+        cuda = model.model.embed_tokens.weight.is_cuda
+
+        def forward(tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+            return _tree_forward(model, tokens, positions, slots, mask)
+
+        _compiled_forwards[model] = torch.compile(forward, fullgraph=True, dynamic=False,
+                                                  mode="reduce-overhead" if cuda else None)
+    return _compiled_forwards[model]
+
+
 class _Verifier:
     """One tree pass over the cache -> (logits [N, V], hidden [N, C]); compiled when gen.compile (a CUDA graph on
-    GPU): the cache is then a fixed bucket, read whole with the unwritten slots masked, so shapes never change."""
+    GPU). Compiled, the cache is the fast path's bucket (infer/fast.py: the same cache tensors every time, so a
+    graph finds the buffers it was captured with), read whole with unwritten slots masked: shapes never change."""
 
     def __init__(self, model: Transformer, compiled: bool):
         self.model, self.compiled = model, compiled
         cfg = model.config
         self.slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else None
-        self.fn = self._compile() if compiled else self._forward
+        self.fn = compiled_tree_forward(model) if compiled else partial(_tree_forward, model)
+        self.cache_len = 0
 
-    def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = self.model.model(tokens, position_ids=positions, slots=slots, kv_len=mask.shape[-1],
-                                  attn_mask=mask)[0]
-        return self.model.lm_head(hidden), hidden
+    def setup_cache(self, needed: int) -> None:
+        """A KV cache of at least `needed` slots (for one row)."""
+        if self.compiled:
+            self.cache_len = compiled_decoder(self.model).attach(1, needed)
+        else:
+            self.model.setup_cache(1, needed)
+            self.cache_len = needed
 
-    def _compile(self) -> Callable:
-        cuda = self.model.model.embed_tokens.weight.is_cuda
-        return torch.compile(self._forward, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
-
-    def cache_length(self, needed: int) -> int:
-        from llmkit.infer.fast import bucket_length
-
-        return bucket_length(needed) if self.compiled else needed
-
-    def __call__(self, tree: TokenTree, tokens: Tensor, cur: int, cache_len: int) -> tuple[Tensor, Tensor]:
+    def __call__(self, tree: TokenTree, tokens: Tensor, cur: int) -> tuple[Tensor, Tensor]:
         cfg = self.model.config
-        n_keys = cache_len if self.compiled else cur + tree.size
+        n_keys = self.cache_len if self.compiled else cur + tree.size
         dtype = self.model.model.embed_tokens.weight.dtype
         mask, positions = tree_attention(tree, cur, n_keys, self.slopes, cfg.sliding_window, dtype)
         slots = torch.arange(cur, cur + tree.size, device=tokens.device)
@@ -506,8 +528,7 @@ def _decode_one(model: Transformer, heads: MedusaHeads, prompt: Sequence[int], g
     if cfg.position == "learned" and T0 + budget + tree.depth > cfg.max_seq_len:
         raise MedusaError(f"prompt ({T0} tokens) + max_new_tokens ({budget}) + tree depth ({tree.depth}) exceeds "
                           f"the model's context of {cfg.max_seq_len} tokens")
-    cache_len = verifier.cache_length(T0 + budget + tree.size)
-    model.setup_cache(1, cache_len)
+    verifier.setup_cache(T0 + budget + tree.size)
     eos = set(gen.eos_token_ids)
     out: list[int] = []
     try:
@@ -522,9 +543,10 @@ def _decode_one(model: Transformer, heads: MedusaHeads, prompt: Sequence[int], g
                 out.append(int(root))
                 break
             tokens = tree_tokens(root, heads(hidden), tree)
-            node_logits, node_hidden = verifier(tree, tokens, cur, cache_len)
+            node_logits, node_hidden = verifier(tree, tokens, cur)
             path = acceptance.judge(tree, tokens, node_logits)
-            compact_cache(model, path + cur, cur)
+            if len(path) > 1:  # the root is always at slot cur already
+                compact_cache(model, path + cur, cur)
             _count_step(stats, len(path))
             accepted = tokens[path].tolist()
             out += accepted[: _until_stop(accepted, eos, budget - len(out))]
