@@ -409,6 +409,46 @@ def test_rag_grounds_chat_and_returns_citations(checkpoint, tmp_path):
             with httpx.stream("POST", url + CHAT, json={"messages": question, "max_tokens": 8, "stream": True}) as r:
                 events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
             assert events[-1]["passages"] == passages and "citations" in events[-1]
+            no_question = httpx.post(url + CHAT, json={"messages": [{"role": "system", "content": "Be brief."}]})
+            assert_error(no_question, 400, "messages")
         finally:
             thread.stop()
             server.engine.close()
+
+
+def test_serve_command_with_env_api_key_and_rag_index(checkpoint, tmp_path):
+    """`llmkit serve` as users run it: the key from $LLMKIT_API_KEY, an index embedded by the served checkpoint."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from test_rag_answer import DOCS
+
+    from llmkit.rag.index import build_index
+
+    build_index(DOCS, tmp_path / "docs.db", embedder=f"llmkit:{checkpoint}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "llmkit", "serve", "--model", str(checkpoint), "--port", str(port),
+           "--rag", str(tmp_path / "docs.db"), "--rag-k", "2", "--rag-min-score", "-1", "--log-level", "warning"]
+    server = subprocess.Popen(cmd, env={**os.environ, "LLMKIT_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), timeout=60)
+        assert_error(httpx.post(url + CHAT, json={"messages": HELLO}), 401)
+        reply = client(url, KEY).chat.completions.create(model="tiny", max_tokens=4,
+                                                         messages=[{"role": "user", "content": "oxygen?"}])
+        assert 1 <= len(reply.model_extra["passages"]) <= 2 and "citations" in reply.model_extra
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert KEY not in err and "Traceback" not in err
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

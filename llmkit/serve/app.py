@@ -169,15 +169,19 @@ class Server:
 
     def ground(self, messages: list[dict], max_tokens: int | None) -> tuple[list[dict], list]:
         from llmkit.rag.answer import SYSTEM_PROMPT, ground_messages
+        from llmkit.rag.errors import RagError
 
         g = self.grounding
         count = lambda text: len(self.tokenizer.encode(text))  # noqa: E731
         base = count(self.render(messages)) + count(SYSTEM_PROMPT + "\n\nPassages:\n\n") + 8
         room = self.context - base - (max_tokens or max(1, self.context // 4))
         room -= room // 10  # tokens of text pieces do not quite add up once joined: keep a margin
-        with g.lock:
-            return ground_messages(g.index, messages, k=g.k, budget=max(1, min(g.budget, room)),
-                                   min_score=g.min_score, count_tokens=count)
+        try:
+            with g.lock:
+                return ground_messages(g.index, messages, k=g.k, budget=max(1, min(g.budget, room)),
+                                       min_score=g.min_score, count_tokens=count)
+        except RagError as e:  # e.g. no user message to retrieve for: the request's fault
+            raise ApiError(400, f"messages: {e}", param="messages") from None
 
     def render(self, messages: list[dict]) -> str:
         if self.tokenizer.chat_template is None:
