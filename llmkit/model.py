@@ -323,13 +323,13 @@ class MoE(nn.Module):
             ys = self.experts(x.index_select(0, r.tokens), r.kept.tolist())
             # dropped assignments add nothing: a token dropped by all its experts passes on the residual alone
             out = torch.zeros_like(x).index_add_(0, r.tokens, (ys * r.weights[:, None]).to(x.dtype))
+            if self.training:
+                self.stats = self.router_stats(r)
         if hasattr(self, "shared_expert"):
             shared = self.shared_expert(x)
             if hasattr(self, "shared_expert_gate"):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        if self.training:
-            self.stats = self.router_stats(r)
         return out.view(B, T, C)
 
     def every_expert(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ def test_expert_parallel_matches_single_process(packed, tmp_path):
     steps = dict(max_steps=6, save_every=3, micro_batch_size=2, warmup_steps=2)
     Trainer(moe_recipe(packed, grad_accum=2, **steps), tmp_path / "single").fit()
     args = ["--data", str(packed), "--model", "tiny-mixtral", "--seq-len", "32", "--max-steps", "6", "--warmup-steps",
-            "2", "--lr", "3e-3", "--eval-every", "0", "--save-every", "3", "--sample-tokens", "0", "--device", "cpu",
+            "2", "--lr", "3e-3", "--eval-every", "0", "--save-every", "3", "--sample-tokens", "8", "--device", "cpu",
             "--micro-batch-size", "2", "--ep", "2", "--out", str(tmp_path / "ep")]
     run_torchrun(args, 2)
     single, ep = losses(tmp_path / "single"), losses(tmp_path / "ep")
@@ -27,6 +27,7 @@ def test_expert_parallel_matches_single_process(packed, tmp_path):
     loads = [[json.loads(line)["moe_load"] for line in (run / "metrics.jsonl").read_text().splitlines()]
              for run in (tmp_path / "single", tmp_path / "ep")]
     assert loads[0] == loads[1]
+    assert "no sample" in json.loads((tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()[-1])["sample"]
     a, _ = llmkit.load(tmp_path / "single" / "model")
     b, _ = llmkit.load(tmp_path / "ep" / "model")  # every expert gathered from its rank
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):

@@ -341,6 +341,10 @@ class Trainer:
         from llmkit.infer.generate import GenerationConfig, generate_text
         from llmkit.infer.sampling import SamplingParams
 
+        from llmkit.train.expert_parallel import expert_parallel_group
+
+        if expert_parallel_group(self.raw_model) is not None:  # rank 0 alone cannot run the other ranks' experts
+            return "(no sample: each process holds only its experts; load OUT/model to generate)"
         prompt = self.cfg.sample_prompt or "\n"
         gen = GenerationConfig(self.cfg.sample_tokens, SamplingParams(temperature=0.8, top_k=50, seed=self.cfg.seed))
         rng = torch.get_rng_state()  # sampling must not disturb the training RNG stream
