@@ -13,8 +13,10 @@ import llmkit
 from llmkit.cli import main
 from llmkit.config import ModelConfig
 from llmkit.infer.generate import GenerationConfig, generate
-from llmkit.infer.medusa import (MedusaError, MedusaHeads, TokenTree, _Verifier, best_path, load_heads, medusa_generate,
-                                 medusa_loss, save_heads, sparse_tree, tree_attention, tree_tokens, typical_accept)
+from llmkit.infer.medusa import (MedusaError, MedusaHeads, MedusaTrainer, TokenTree, _Verifier, best_path, load_heads,
+                                 medusa_generate, medusa_loss, save_heads, sparse_tree, tree_attention, tree_tokens,
+                                 typical_accept)
+from llmkit.infer.medusa_commands import MedusaTrainConfig
 from llmkit.infer.sampling import SamplingParams
 from llmkit.model import Transformer, alibi_slopes
 from llmkit.tokenizer import train_tokenizer
@@ -178,6 +180,8 @@ def test_greedy_medusa_equals_plain_greedy_with_random_heads(arch):
 @pytest.fixture(scope="module")
 def periodic() -> tuple[Transformer, MedusaHeads, list[int]]:
     """A tiny base trained on one repeating 13-token sequence and heads trained on it: most guesses are right."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before conftest's one_thread: a second thread only waits here
     torch.manual_seed(0)
     pattern = torch.randperm(200)[:13]
     data = pattern.repeat(40)
@@ -198,6 +202,7 @@ def periodic() -> tuple[Transformer, MedusaHeads, list[int]]:
             opt.zero_grad()
             loss.backward()
             opt.step()
+    torch.set_num_threads(threads)
     return model.eval(), heads.eval(), pattern.tolist()
 
 
@@ -297,6 +302,31 @@ def test_cli_train_then_generate(base_dir, tmp_path, capsys):
     assert result["text"] == tok.decode(generate(model, [prompt], GenerationConfig(12, eos_token_ids=(tok.eos_id,)))[0],
                                         skip_special_tokens=True)
     assert result["new_tokens"] <= 12 and result["mean_accepted"] >= 1.0
+
+
+def test_training_resumes_exactly(base_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join((DATA / "tinyshakespeare.txt").read_text()[52_000:60_000].split("\n\n")[:30]))
+    cfg = MedusaTrainConfig(model=str(base_dir), data=str(text), num_heads=2, max_steps=4, micro_batch_size=4,
+                            max_seq_len=48, eval_every=0, save_every=2, warmup_steps=1, val_fraction=0.1)
+
+    def records(run: Path) -> list[tuple]:
+        return [(r["loss"], r["head1_acc"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    MedusaTrainer(cfg, tmp_path / "straight").fit()
+
+    def kill(step: int, record: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        MedusaTrainer(cfg, tmp_path / "resumed", on_step=kill).fit()
+    MedusaTrainer(cfg, tmp_path / "resumed", resume=True).fit()
+    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
+    x = torch.randn(3, 64)
+    model, _ = llmkit.load(base_dir)
+    straight, resumed = load_heads(tmp_path / "straight", model), load_heads(tmp_path / "resumed", model)
+    assert torch.equal(straight(x), resumed(x))
 
 
 def test_cli_refuses_heads_for_another_model(base_dir, tmp_path, capsys):
