@@ -43,6 +43,7 @@ class ParallelModel:
         self.mesh: DeviceMesh = build_mesh(layout, device)
         self.data_rank, self.data_world = data_shard(self.mesh, layout)
         self.pp_rank = self.mesh.get_local_rank("pp")
+        assert self.pp_rank == dist.get_rank() // (dist.get_world_size() // layout.pp), "pp must be the outer dim"
         self.schedule = None
         self._losses: list[Tensor] = []  # raw (unscaled) micro-batch losses the pipeline's loss_fn saw
         self._loss_scale: Callable[[Tensor], Tensor] = lambda loss: loss

@@ -70,32 +70,39 @@ def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
     return [pp_rank + k * pp for k in range(stages_per_rank)]
 
 
-def split_model(model: Transformer, pp_rank: int, pp: int, stages_per_rank: int) -> tuple[list[StageModule], StageModule]:
-    """(this rank's stage modules, one module holding all of them for optimizer and checkpoints).
-
-    The blocks of other ranks' stages are moved to the meta device: they take no memory here.
-    """
-    n_stages = pp * stages_per_rank
-    sizes = stage_layers(model.config.n_layer, n_stages)
+def stage_blocks(n_layer: int, n_stages: int) -> list[list[int]]:
+    """The block indices of each pipeline stage, balanced (see llmkit.plan.stage_layers)."""
+    sizes = stage_layers(n_layer, n_stages)
     starts = [sum(sizes[:s]) for s in range(n_stages)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
+
+def keep_local_stages(model: Transformer, pp_rank: int, pp: int, stages_per_rank: int) -> None:
+    """Drop every module no stage of this rank runs, so it takes no memory here and moving the model to the
+    device moves only this rank's part. Dropped modules become nn.Identity placeholders (not meta tensors,
+    which cannot be moved), so the blocks keep their indices."""
+    n_stages = pp * stages_per_rank
     mine = stage_ids(pp_rank, pp, stages_per_rank)
-    stages = [StageModule(model, list(range(starts[s], starts[s] + sizes[s])), s == 0, s == n_stages - 1)
-              for s in mine]
-    local_layers = sorted(int(i) for stage in stages for i in stage.model.layers)
-    holder = StageModule(model, local_layers, 0 in mine, n_stages - 1 in mine)
-    _free_other_stages(model, set(local_layers), holder)
+    blocks = stage_blocks(model.config.n_layer, n_stages)
+    local = {i for s in mine for i in blocks[s]}
+    for i in range(len(model.model.layers)):
+        if i not in local:
+            model.model.layers[i] = nn.Identity()
+    if 0 not in mine:
+        model.model.embed_tokens = nn.Identity()
+    if n_stages - 1 not in mine:
+        model.lm_head, model.model.norm = nn.Identity(), nn.Identity()
+
+
+def split_model(model: Transformer, pp_rank: int, pp: int, stages_per_rank: int) -> tuple[list[StageModule], StageModule]:
+    """(this rank's stage modules, one module holding all of them for optimizer and checkpoints)."""
+    n_stages = pp * stages_per_rank
+    blocks = stage_blocks(model.config.n_layer, n_stages)
+    mine = stage_ids(pp_rank, pp, stages_per_rank)
+    keep_local_stages(model, pp_rank, pp, stages_per_rank)
+    stages = [StageModule(model, blocks[s], s == 0, s == n_stages - 1) for s in mine]
+    holder = StageModule(model, sorted(i for s in mine for i in blocks[s]), 0 in mine, n_stages - 1 in mine)
     return stages, holder
-
-
-def _free_other_stages(model: Transformer, local_layers: set[int], holder: StageModule) -> None:
-    for i, layer in enumerate(model.model.layers):
-        if i not in local_layers:
-            layer.to("meta")
-    if holder.model.embed_tokens is None:
-        model.model.embed_tokens.to("meta")
-    if holder.lm_head is None:
-        model.lm_head.to("meta")
-        model.model.norm.to("meta")
 
 
 def build_schedule(stages: list[StageModule], stage_index: list[int], n_stages: int, pp_mesh: DeviceMesh,

@@ -19,6 +19,7 @@ from llmkit.config import PRESETS, ModelConfig
 from llmkit.parallel.context import check_context_parallel
 from llmkit.parallel.engine import ParallelModel
 from llmkit.parallel.layout import Layout
+from llmkit.parallel.pipeline import keep_local_stages
 from llmkit.plan_parallel import bubble_fraction
 from llmkit.train import distributed as dist_utils
 from llmkit.train.recipe import TrainConfig
@@ -70,6 +71,16 @@ class ParallelTrainer(Trainer):
             self.scaler = scaler
 
     # -- the split
+
+    def _build_model(self):
+        """The one-process model (same seeded weights), with other pipeline stages' blocks already freed so
+        that only this rank's stages reach the device."""
+        model = super()._build_model()
+        if self.layout.pp > 1:
+            # pp is the outermost mesh dim: ranks [r * world/pp, (r + 1) * world/pp) form stage group r
+            keep_local_stages(model, self.env.rank // (self.env.world_size // self.layout.pp), self.layout.pp,
+                              self.layout.stages_per_rank)
+        return model
 
     def _wrap_model(self) -> nn.Module:
         self.engine = ParallelModel(self.raw_model, self.layout, self.device, self.cfg.fsdp_reshard)
@@ -127,6 +138,12 @@ class ParallelTrainer(Trainer):
 
     def _full_state_dict(self) -> dict | None:
         return self.engine.full_state_dict()
+
+    def _restore(self, path: Path) -> None:
+        if not (path / "dcp").is_dir():
+            raise TrainError(f"{path}: no dcp/ folder, so it cannot be resharded onto {self.layout.describe()}; "
+                             "write checkpoints with --dcp-checkpoint (one process, DDP) or --parallel fsdp")
+        super()._restore(path)
 
     def _trainer_state(self) -> dict:
         state = super()._trainer_state()
