@@ -342,7 +342,7 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     if body.stream:
         return _sse(reply.completion_chunks(gen, echo, body.logprobs is not None, body.include_usage()))
     pieces = await _collect(gen, request)
-    reply.first_token()
+    reply.first_token(gen.first_piece_at)
     choices = [{"index": i, "text": echo[i] + "".join(p.text for p in ps),
                 "logprobs": completion_logprobs(server.tokenizer, ps) if body.logprobs is not None else None,
                 "finish_reason": ps[-1].finish_reason} for i, ps in enumerate(pieces)]
@@ -370,7 +370,7 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     if body.stream:
         return _sse(reply.chat_chunks(gen, body.n, body.logprobs, body.include_usage()))
     pieces = await _collect(gen, request)
-    reply.first_token()
+    reply.first_token(gen.first_piece_at)
     choices = [{"index": i, "message": {"role": "assistant", "content": "".join(p.text for p in ps)},
                 "logprobs": {"content": chat_logprobs(server.tokenizer, ps)} if body.logprobs else None,
                 "finish_reason": ps[-1].finish_reason} for i, ps in enumerate(pieces)]
@@ -431,10 +431,11 @@ class _Reply:
         kind = self.kind + (".chunk" if chunk and self.kind == "chat.completion" else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.server.config.model_name}
 
-    def first_token(self) -> None:
+    def first_token(self, at: float | None = None) -> None:
+        """Record the time to first token once: now, or `at` (a perf_counter reading)."""
         if not self._first:
             self._first = True
-            self.server.metrics.ttft.observe(time.perf_counter() - self.start)
+            self.server.metrics.ttft.observe((at or time.perf_counter()) - self.start)
 
     def usage(self, pieces: list[list[Piece]]) -> dict:
         return usage(self.prompt_tokens, pieces)

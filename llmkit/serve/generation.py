@@ -10,6 +10,7 @@ consumer turns them into text: a StreamDecoder per choice (never splits a charac
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -81,6 +82,7 @@ class Generation:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._choices: dict[str, _Choice] = {}
+        self.first_piece_at: float | None = None  # perf_counter() when the first piece came out
         try:
             for i, (ids, options) in enumerate(requests):
                 rid = engine.submit(ids, options, self._on_event)
@@ -111,6 +113,8 @@ class Generation:
                 piece = choice.advance(event)
                 if piece.finish_reason is not None and event.finish_reason is None:
                     self.engine.cancel(event.request_id)  # a stop string: the engine need not go on
+                if self.first_piece_at is None:
+                    self.first_piece_at = time.perf_counter()
                 yield piece
         finally:
             self.cancel()

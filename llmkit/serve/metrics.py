@@ -65,7 +65,8 @@ class Metrics:
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
         family("llmkit_requests_total", "counter", "HTTP requests by endpoint and status",
-               [f'llmkit_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())])
+               [f'llmkit_requests_total{{endpoint="{e}",status="{code}"}} {n}'
+                for (e, code), n in sorted(self.requests.items())])
         family("llmkit_request_latency_seconds", "histogram", "time from request to the last byte of the response",
                [x for e, h in sorted(self.latency.items()) for x in h.lines("llmkit_request_latency_seconds",
                                                                             f'endpoint="{e}"')])
@@ -81,19 +82,26 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     @staticmethod
-    def _engine_lines(s: EngineStats, family) -> None:
-        family("llmkit_queue_length", "gauge", "requests waiting for a batch slot", [f"llmkit_queue_length {s.waiting}"])
-        family("llmkit_running_requests", "gauge", "requests in the running batch", [f"llmkit_running_requests {s.running}"])
-        family("llmkit_kv_cache_blocks_used", "gauge", "KV-cache blocks in use", [f"llmkit_kv_cache_blocks_used {s.kv_blocks_used}"])
-        family("llmkit_kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool",
-               [f"llmkit_kv_cache_blocks_total {s.kv_blocks_total}"])
-        usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
-        family("llmkit_kv_cache_usage_ratio", "gauge", "fraction of KV-cache blocks in use",
-               [f"llmkit_kv_cache_usage_ratio {usage:.6f}"])
-        family("llmkit_engine_requests_total", "counter", "requests the engine accepted",
-               [f"llmkit_engine_requests_total {s.requests_total}"])
-        family("llmkit_engine_preemptions_total", "counter", "requests preempted when KV blocks ran out",
-               [f"llmkit_engine_preemptions_total {s.preemptions_total}"])
+    def _engine_lines(stats: EngineStats, family) -> None:
+        for name, kind, help_text, value in ENGINE_METRICS:
+            family(name, kind, help_text, [f"{name} {value(stats)}"])
+
+
+def _kv_usage(s: EngineStats) -> str:
+    return f"{s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0:.6f}"
+
+
+# read from the engine at scrape time: (name, type, help, value of EngineStats)
+ENGINE_METRICS = (
+    ("llmkit_queue_length", "gauge", "requests waiting for a batch slot", lambda s: s.waiting),
+    ("llmkit_running_requests", "gauge", "requests in the running batch", lambda s: s.running),
+    ("llmkit_kv_cache_blocks_used", "gauge", "KV-cache blocks in use", lambda s: s.kv_blocks_used),
+    ("llmkit_kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool", lambda s: s.kv_blocks_total),
+    ("llmkit_kv_cache_usage_ratio", "gauge", "fraction of KV-cache blocks in use", _kv_usage),
+    ("llmkit_engine_requests_total", "counter", "requests the engine accepted", lambda s: s.requests_total),
+    ("llmkit_engine_preemptions_total", "counter", "requests preempted when KV blocks ran out",
+     lambda s: s.preemptions_total),
+)
 
 
 class RecordRequests:
