@@ -184,7 +184,8 @@ def test_stages_split_by_layer_and_keep_the_model_names():
 
     def build():
         torch.manual_seed(0)
-        return Transformer(ModelConfig.from_preset("tiny", n_layer=5))
+        # Mistral's sliding window and Qwen2's q/k/v biases ride along: the stages must rebuild the window mask
+        return Transformer(ModelConfig.from_preset("tiny", n_layer=5, sliding_window=3, qkv_bias=True))
 
     full = build()
     ids = torch.randint(0, 512, (2, 8))

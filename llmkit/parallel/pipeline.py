@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.utils.checkpoint import checkpoint
 
-from llmkit.model import Backbone, ForwardContext, Transformer
+from llmkit.model import Backbone, ForwardContext, Transformer, build_mask
 from llmkit.plan import stage_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
@@ -51,9 +51,11 @@ class StageModule(nn.Module):
         if self.model.embed_tokens is not None:
             x = self.model.dropout(self.model.embed_tokens(x))
         B, T = x.shape[0], x.shape[1] * self.seq_shards
-        positions = torch.arange(T, device=x.device).expand(B, -1)
-        cos, sin = Backbone._rope(self, positions, x.dtype)
-        ctx = ForwardContext(cos, sin, None, T > 1, None, None)
+        slots = torch.arange(T, device=x.device)
+        cos, sin = Backbone._rope(self, slots.expand(B, -1), x.dtype)
+        # as the Backbone: SDPA's own causal kernel, or a mask [1,1,T,T] when a sliding window limits the keys
+        mask = build_mask(self.config, slots, T, None, None, None, x.dtype) if self.config.sliding_window else None
+        ctx = ForwardContext(cos, sin, mask, mask is None and T > 1, None, None)
         for layer in self.model.layers.values():
             # the holder module, not this stage, gets train()/eval(): read the mode off the shared block
             if self.gradient_checkpointing and layer.training:
