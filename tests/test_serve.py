@@ -202,6 +202,7 @@ MALFORMED = [
     (CHAT, {"messages": HELLO, "stream": "yes"}, 400, "stream"),
     (CHAT, {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     (CHAT, {"messages": HELLO, "presence_penalty": 3}, 400, "presence_penalty"),
+    (CHAT, {"messages": HELLO, "seed": 2**70}, 400, "seed"),
     (CHAT, {"messages": HELLO, "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
     (CHAT, {"messages": HELLO, "logit_bias": {"cat": 5}}, 400, "logit_bias"),
     (CHAT, {"messages": HELLO, "logit_bias": {"99999": 5}}, 400, "logit_bias"),

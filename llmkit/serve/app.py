@@ -128,7 +128,8 @@ class Server:
 
     def options(self, body: SamplingRequest, max_tokens: int, choice: int, logprobs: int | None,
                 processor: Callable | None) -> RequestOptions:
-        seed = None if body.seed is None else body.seed + choice  # distinct choices, reproducible together
+        # distinct choices, reproducible together; xor with a small number stays in the seed's int64 range
+        seed = None if body.seed is None else body.seed ^ choice
         sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=seed,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         return RequestOptions(max_new_tokens=max_tokens, sampling=sampling, eos_token_ids=self.eos,
