@@ -6,10 +6,10 @@
 
 The server runs in a subprocess (`python -m llmkit serve`, loopback only) on a random-weight model saved to a
 temporary directory: the "tiny" preset (64 wide, 2 layers, a 512-token byte-level BPE vocabulary trained on
-tinyshakespeare) on CPU, the tinyllama-1.1b shape in bf16 with --device cuda. For each concurrency C,
---requests requests (at least C) go out from C client tasks (httpx, asyncio), each a streamed chat completion
-of --max-tokens tokens (temperature 0; usage from stream_options.include_usage). The run stops at --time-limit
-seconds; requests not finished by then count as errors.
+tinyshakespeare) on CPU, the tinyllama-1.1b shape in bf16 with --device cuda (--preset picks another shape).
+For each concurrency C, --requests requests (at least C) go out from C client tasks (httpx, asyncio), each a
+streamed chat completion of --max-tokens tokens (temperature 0; usage from stream_options.include_usage).
+A concurrency level stops at --time-limit seconds; requests not finished by then count as errors.
 
 Prints one JSON object: per concurrency, requests/s, generated tokens/s, time to first token and latency
 (p50/p99, ms) and the error count. With --baseline (default with --device cuda), the same requests through
@@ -50,15 +50,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_checkpoint(device: str, workdir: Path) -> tuple[Path, dict]:
+def build_checkpoint(preset: str, workdir: Path) -> tuple[Path, dict]:
     corpus = workdir / "corpus.txt"
     corpus.write_text(CORPUS.read_text()[:200_000])
     tok = train_tokenizer([corpus], "byte-bpe", 512, chat_template=CHAT_TEMPLATES["chatml"])
     torch.manual_seed(0)
-    if device.startswith("cuda"):  # the real shape (vocabulary 32000); ids the tokenizer lacks decode to nothing
-        cfg = ModelConfig.from_preset("tinyllama-1.1b", max_seq_len=1024)
-    else:
+    if preset == "tiny":
         cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)
+    else:  # the preset's own vocabulary (32000 for tinyllama): ids the tokenizer lacks decode to nothing
+        cfg = ModelConfig.from_preset(preset, max_seq_len=1024)
     model = Transformer(cfg)
     path = workdir / cfg.name
     llmkit.save(model, tok, path)
@@ -207,14 +207,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds a concurrency level may take")
     parser.add_argument("--baseline", action="store_true", help="also transformers' generate per request")
+    parser.add_argument("--preset", default=None, help="model shape (default: tiny on CPU, tinyllama-1.1b on CUDA)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error("CUDA is not available here: run without --device cuda for the CPU figures")
     args.concurrency = args.concurrency or ([1, 8, 64] if cuda else [64])
+    args.preset = args.preset or ("tinyllama-1.1b" if cuda else "tiny")
     result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "max_tokens": args.max_tokens}
     with tempfile.TemporaryDirectory() as workdir:
-        path, info = build_checkpoint(args.device, Path(workdir))
+        path, info = build_checkpoint(args.preset, Path(workdir))
         result.update(info)
         log(f"{info['model']}: {info['params_m']}M parameters; starting the server")
         server, url = start_server(path, args)
