@@ -453,3 +453,33 @@ def _up(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_token_bucket_and_key_matching():
+    from llmkit.serve.security import ApiKeys, RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=2, clock=lambda: now[0])
+    assert limiter.take("a") is None and limiter.take("a") is None
+    assert limiter.take("a") == pytest.approx(1.0) and limiter.take("b") is None  # buckets are per client
+    now[0] = 1.0  # one second refills one request
+    assert limiter.take("a") is None and limiter.take("a") is not None
+    keys = ApiKeys([KEY, OTHER_KEY, ""])
+    assert keys.match(f"Bearer {OTHER_KEY}") == OTHER_KEY and keys.match(f"bearer {KEY}") == KEY
+    assert keys.match(KEY) is None and keys.match(f"Basic {KEY}") is None and keys.match(None) is None
+    assert not ApiKeys([""]).enabled
+
+
+def test_api_keys_from_flag_env_and_file(tmp_path, monkeypatch):
+    from llmkit.serve.commands import api_keys, serve_parser
+
+    (tmp_path / "keys.txt").write_text(f"{KEY}\n\n{OTHER_KEY}\n")
+    monkeypatch.setenv("LLMKIT_API_KEY", "from-env")
+    parse = lambda *argv: serve_parser().parse_args(["--model", "m", *argv])  # noqa: E731
+    assert api_keys(parse()) == ("from-env",)
+    assert api_keys(parse("--api-key", "flag", "--api-key-file", str(tmp_path / "keys.txt"))) == ("flag", KEY,
+                                                                                                    OTHER_KEY)
+    monkeypatch.delenv("LLMKIT_API_KEY")
+    assert api_keys(parse()) == ()
+    with pytest.raises(FileNotFoundError, match="keys.txt"):
+        api_keys(parse("--api-key-file", str(tmp_path / "missing" / "keys.txt")))
