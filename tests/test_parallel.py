@@ -19,6 +19,7 @@ from llmkit.plan import PlanError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STEPS = 5
+TIED = '{"n_layer": 4, "tie_embeddings": true}'
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,8 @@ def test_two_processes_tp_and_every_pipeline_schedule(packed, reference, tmp_pat
         "tp2-bf16": ["--tp", "2", "--precision", "bf16"],
         "pp2-bf16": ["--pp", "2", "--microbatches", "2", "--precision", "bf16"],
         "replicate2": ["--dp-replicate", "2", "--micro-batch-size", "2"],  # HSDP with a shard group of 1
+        # one vocabulary-sharded matrix serves the embedding and the head
+        "tp2-tied": ["--tp", "2", "--model-overrides", TIED],
         # a 2^40 loss scale overflows every step here: both stages must skip together and halve the scale
         "pp2-fp16": ["--pp", "2", "--microbatches", "2", "--precision", "fp16", "--fp16-init-scale", str(2.0**40)],
     }
@@ -95,6 +98,8 @@ def test_two_processes_tp_and_every_pipeline_schedule(packed, reference, tmp_pat
     bf16 = single(packed, tmp_path / "single-bf16", "--precision", "bf16")
     for name in ("tp2-bf16", "pp2-bf16"):  # autocast: bf16 rounding differs with the split
         assert max_delta(losses(tmp_path / name), bf16) <= 2e-2, name
+    tied = single(packed, tmp_path / "single-tied", "--model-overrides", TIED)
+    assert max_delta(losses(tmp_path / "tp2-tied"), tied) <= 1e-5
     fp16 = single(packed, tmp_path / "single-fp16", "--precision", "fp16", "--fp16-init-scale", str(2.0**40))
     records = [json.loads(line) for line in (tmp_path / "pp2-fp16" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss_scale"] for r in records if r.get("skipped")] == [2.0 ** (39 - k) for k in range(STEPS)]
@@ -159,7 +164,8 @@ def test_four_processes_composed_layouts_and_resharding_checkpoints(packed, refe
     (2, ["--pp", "2", "--microbatches", "3"], "microbatches 3 does not divide micro_batch_size 4"),
     (2, ["--cp", "2"], "cp 2 needs CUDA"),
     (4, ["--cp", "2", "--pp", "2", "--microbatches", "2"], "cp 2 with pp 2"),
-    (2, ["--tp", "2", "--model", "tiny-gpt2"], "position 'learned', tied embeddings"),
+    (2, ["--tp", "2", "--model", "tiny-gpt2"], "this model has position 'learned'"),
+    (2, ["--pp", "2", "--microbatches", "2", "--model", "shakespeare"], "tied embeddings (embedding and head sit on"),
 ])
 def test_bad_layouts_fail_before_any_process_group(packed, tmp_path, monkeypatch, capsys, world, flags, message):
     from llmkit.parallel.trainer import ParallelTrainer

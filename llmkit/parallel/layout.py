@@ -73,9 +73,11 @@ class Layout:
                         self.microbatches, schedule=self.pp_schedule, virtual_stages=self.stages_per_rank,
                         seq_len=seq_len)
         unsupported = unsupported_features(config)
+        if config.tie_embeddings and self.pp > 1:
+            unsupported.append("tied embeddings (embedding and head sit on different pipeline stages)")
         if (self.tp > 1 or self.pp > 1 or self.cp > 1) and unsupported:
-            raise PlanError(f"bad parallel layout: {self.describe()} splits only pre-norm rotary decoders with "
-                            f"untied embeddings; this model has {', '.join(unsupported)}")
+            raise PlanError(f"bad parallel layout: {self.describe()} splits only pre-norm rotary decoders "
+                            f"(untied embeddings under pp); this model has {', '.join(unsupported)}")
         if self.cp > 1 and self.pp > 1:
             raise PlanError(f"bad parallel layout: cp {self.cp} with pp {self.pp}: pipeline stages build their "
                             "rotary positions locally, unsharded; combine cp with tp and dp only")
@@ -93,8 +95,6 @@ def unsupported_features(config: ModelConfig) -> list[str]:
         found.append(f"norm_placement {config.norm_placement!r}" + (" with parallel blocks" * config.parallel_block))
     if config.position != "rope":
         found.append(f"position {config.position!r}")
-    if config.tie_embeddings:
-        found.append("tied embeddings")
     if config.embed_norm or config.type_vocab_size:
         found.append("embedding norm / token types")
     if getattr(config, "n_experts", 0):

@@ -57,6 +57,8 @@ def outer_plan(model: nn.Module) -> dict:
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard a Transformer (or a pipeline stage of one) over `tp_mesh` in place."""
     tp = tp_mesh.size()
+    head, embed = getattr(model, "lm_head", None), getattr(model.model, "embed_tokens", None)
+    tied = head is not None and embed is not None and head.weight is embed.weight
     for block in model.model.layers.children():
         attn = block.self_attn
         assert attn.n_head % tp == 0 and attn.n_kv_head % tp == 0, "validate the layout first"
@@ -64,5 +66,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         # attention reshapes q/k/v by its head counts: after the column split each rank holds 1/tp of them
         attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp
     parallelize_module(model, tp_mesh, outer_plan(model))
+    if tied:
+        # both plans shard the [V, C] matrix by vocabulary rows (Shard(0)), but each made its own DTensor
+        model.lm_head.weight = model.model.embed_tokens.weight
     if hasattr(model, "seq_shards"):  # a pipeline stage receives T/tp tokens and rebuilds the rotary tables for T
         model.seq_shards = tp
