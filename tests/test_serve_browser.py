@@ -25,22 +25,28 @@ def chromium_or_skip() -> str:
 
 
 @pytest.fixture(scope="module")
-def page(checkpoint):  # noqa: F811
+def browser():
     executable = chromium_or_skip()
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(checkpoint, browser):  # noqa: F811
     # 5 ms an engine step: slow enough to press Stop in the middle of a reply
     url, thread, server = start(checkpoint, engine_step_delay=0.005, max_tokens=200)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
-        tab = browser.new_page(viewport={"width": 1100, "height": 700})
-        errors: list[str] = []
-        tab.on("pageerror", lambda e: errors.append(str(e)))
-        tab.goto(url + "/")
-        tab.wait_for_selector("#model-status:has-text('model: tiny')", timeout=15_000)
-        tab.server = server
-        yield tab
-        assert errors == []  # no script error on the page the whole time
-        browser.close()
+    tab = browser.new_page(viewport={"width": 1100, "height": 700})
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(url + "/")
+    tab.wait_for_selector("#model-status:has-text('model: tiny')", timeout=15_000)
+    tab.server = server
+    yield tab
+    assert errors == []  # no script error on the page the whole time
+    tab.close()
     thread.stop()
     server.engine.close()
 
@@ -52,6 +58,7 @@ def artifact_dir(tmp_path: Path) -> Path:
 
 
 def send(page, text: str) -> None:
+    page.locator("#temperature").fill("0")  # greedy: the same reply every run
     before = page.locator(".message.assistant[data-done='true']").count()
     page.fill("#input", text)
     page.press("#input", "Enter")
@@ -126,3 +133,21 @@ def test_stop_cancels_the_reply_on_the_server(page):
     page.wait_for_selector(".message.assistant:last-child[data-done='true']", timeout=10_000)
     assert page.locator("#send").is_enabled()
     eventually(lambda: metrics.finished.get("cancelled", 0) == cancelled + 1 and engine.stats().running == 0)
+
+
+def test_page_works_with_an_api_key(checkpoint, browser):  # noqa: F811
+    url, thread, server = start(checkpoint, api_keys=("sk-page-key",), max_tokens=32)
+    tab = browser.new_page()
+    try:
+        tab.goto(url + "/")  # the page itself needs no key; the API does
+        tab.wait_for_selector("#model-status.error:has-text('401')", timeout=15_000)
+        tab.fill("#api-key", "sk-page-key")
+        tab.dispatch_event("#api-key", "change")
+        tab.wait_for_selector("#model-status:has-text('model: tiny')", timeout=15_000)
+        tab.locator("#max-tokens").fill("8")
+        send(tab, "hello")
+        assert tab.locator(".message.error").count() == 0 and tab.locator(".message.assistant").last.inner_text()
+    finally:
+        tab.close()
+        thread.stop()
+        server.engine.close()
