@@ -76,16 +76,17 @@ def wrap(model: nn.Module, env: DistEnv, cfg) -> nn.Module:
 
 
 def expert_parallel(model: nn.Module, env: DistEnv, cfg) -> list[str]:
-    """With recipe field ep > 1: split every MoE layer's experts over the ranks; the expert parameters' names."""
+    """With recipe field ep > 1: split every MoE layer's experts over groups of ep ranks; the expert parameters'
+    names."""
     ep = getattr(cfg, "ep", 1)
     if ep == 1:
         return []
-    if ep != env.world_size or cfg.parallel != "ddp":
-        raise ValueError(f"recipe field 'ep' ({ep}) needs parallel 'ddp' and ep = the number of processes "
+    if env.world_size % ep or cfg.parallel != "ddp":
+        raise ValueError(f"recipe field 'ep' ({ep}) needs parallel 'ddp' and must divide the number of processes "
                          f"({env.world_size})")
     from llmkit.train.expert_parallel import shard_experts
 
-    return shard_experts(model)
+    return shard_experts(model, ep)
 
 
 def barrier(env: DistEnv) -> None:
@@ -122,11 +123,10 @@ def no_sync(model: nn.Module, env: DistEnv, last: bool):
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, env: DistEnv) -> float:
-    from llmkit.train.expert_parallel import clip_grad_norm as clip_with_experts, expert_parallel_group
+    from llmkit.train.expert_parallel import expert_parallel_group, sync_and_clip_grad_norm
 
-    group = expert_parallel_group(model) if env.distributed else None
-    if group is not None:  # other ranks hold other experts: their gradients count in the norm
-        return clip_with_experts(model, max_norm, group)
+    if env.distributed and expert_parallel_group(model) is not None:  # other ranks hold other experts
+        return sync_and_clip_grad_norm(model, max_norm)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor norm

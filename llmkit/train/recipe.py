@@ -70,8 +70,8 @@ class TrainConfig:
     parallel: str = opt("ddp", "with torchrun: ddp or fsdp", choices=["ddp", "fsdp"])
     fsdp_reshard: bool = opt(True, "fsdp: free gathered parameters after forward (ZeRO-3); false = ZeRO-2")
     cpu_offload: bool = opt(False, "fsdp: keep parameters, gradients and optimiser states on the CPU")
-    ep: int = opt(1, "expert parallelism (ddp, MoE models): experts split over this many processes, all of them; "
-                  "tokens go to their experts' process and back by all-to-all")
+    ep: int = opt(1, "expert parallelism (ddp, MoE models): experts split over groups of this many processes (it "
+                  "divides their number); tokens go to their experts' process and back by all-to-all")
     # parallel layout (torchrun; llmkit/parallel): the degrees multiply to the world size, any left out is 1
     tp: int = opt(1, "tensor-parallel degree (Megatron-style, with sequence parallelism and a vocabulary-parallel loss)")
     pp: int = opt(1, "pipeline-parallel stages (blocks split evenly; embedding first, norm and head last)")
