@@ -59,3 +59,5 @@ def test_expert_parallel_groups_replicate_the_experts(packed, tmp_path):
 def test_expert_parallel_needs_a_valid_degree(packed, tmp_path):
     with pytest.raises(ValueError, match="'ep'"):
         moe_recipe(packed, ep=0).validate()
+    with pytest.raises(ValueError, match="'ep' works under DDP only"):
+        moe_recipe(packed, ep=2, tp=2).validate()

@@ -92,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"recipe field {name!r} must be >= 1, got {getattr(self, name)}")
         if self.ep < 1:
             raise ValueError(f"recipe field 'ep' must be >= 1, got {self.ep}")
+        if self.ep > 1 and self.tp * self.pp * self.cp * self.dp_shard * self.dp_replicate > 1:
+            raise ValueError("recipe field 'ep' works under DDP only, not with tp, pp, cp, dp_shard or dp_replicate")
         if not self.data:
             raise ValueError("recipe field 'data' is required: a directory written by `llmkit data pack`")
         if self.lr <= 0:
