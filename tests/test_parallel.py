@@ -156,6 +156,23 @@ def test_four_processes_composed_layouts_and_resharding_checkpoints(packed, refe
         assert torch.allclose(hf(ids).logits, model.eval()(ids), atol=1e-5)
 
 
+@pytest.mark.slow  # 8 gloo processes on a small CPU take ~50 s
+def test_eight_processes_fsdp_tp_pp(packed, reference, tmp_path):
+    args = common(packed, 2) + ["--tp", "2", "--pp", "2", "--dp-shard", "2", "--microbatches", "2"]
+    launch({"3d": args + ["--out", str(tmp_path / "3d")]}, 8, tmp_path)
+    assert max_delta(losses(tmp_path / "3d"), reference["fp32"]) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallelism runs on CUDA only (ring attention "
+                                                         "replaces the CUDA SDPA kernels); needs 2 GPUs")
+def test_context_parallel_matches_one_gpu(packed, tmp_path):
+    cuda = [a if a != "cpu" else "cuda" for a in common(packed, 4)]
+    assert main(["pretrain", *cuda, "--out", str(tmp_path / "one")]) == 0
+    launch({"cp2": cuda + ["--cp", "2", "--out", str(tmp_path / "cp2")]}, 2, tmp_path)
+    assert max_delta(losses(tmp_path / "cp2"), losses(tmp_path / "one")) <= 1e-4  # TF32/kernel choice on GPU
+
+
 @pytest.mark.parametrize("world,flags,message", [
     (4, ["--tp", "2"], "tp 2 x pp 1 x dp_shard 1 x dp_replicate 1 x cp 1 = 2, but the world size is 4"),
     (3, ["--pp", "3", "--microbatches", "4"], "pp 3 = 3 pipeline stages, but the model has only 2 layers"),
