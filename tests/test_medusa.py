@@ -13,9 +13,9 @@ import llmkit
 from llmkit.cli import main
 from llmkit.config import ModelConfig
 from llmkit.infer.generate import GenerationConfig, generate
-from llmkit.infer.medusa import (MedusaError, MedusaHeads, MedusaTrainer, TokenTree, _Verifier, best_path, load_heads,
-                                 medusa_generate, medusa_loss, save_heads, sparse_tree, tree_attention, tree_tokens,
-                                 typical_accept)
+from llmkit.infer.medusa import (MedusaError, MedusaHeads, MedusaTrainer, TokenTree, _Acceptance, _TreeDecoder,
+                                 best_path, load_heads, medusa_generate, medusa_loss, save_heads, sparse_tree,
+                                 tree_attention, tree_tokens, typical_accept)
 from llmkit.infer.medusa_commands import MedusaTrainConfig
 from llmkit.infer.sampling import SamplingParams
 from llmkit.model import Transformer, alibi_slopes
@@ -105,10 +105,11 @@ def test_tree_logits_equal_each_path_run_alone(arch):
     prompt = torch.randint(0, model.config.vocab_size, (1, 9))
     tokens = torch.randint(0, model.config.vocab_size, (tree.size,))
     cur = prompt.shape[1]
+    decoder = _TreeDecoder(model, random_heads(model), tree, _Acceptance(GenerationConfig(), 0.09, 0.3, None), False)
     with torch.no_grad():
-        model.setup_cache(1, cur + tree.size)
+        decoder.setup_cache(cur + tree.size)
         model.model(prompt, slots=torch.arange(cur), kv_len=cur)
-        logits, _ = _Verifier(model, compiled=False)(tree, tokens, cur)
+        logits, _ = decoder.verify(tokens, torch.tensor(cur))
         model.clear_cache()
         for i in range(tree.size):
             chain = [i]
@@ -133,8 +134,14 @@ def test_best_path_is_the_longest_right_prefix():
     ok = torch.zeros(tree.size, dtype=torch.bool)
     for path in [(), (0,), (0, 1), (0, 1, 0), (2,), (0, 0)]:
         ok[tree.paths.index(path)] = True
-    got = [tree.paths[int(i)] for i in best_path(tree, ok, torch.zeros(tree.size))]
-    assert got == [(), (0,), (0, 1), (0, 1, 0)]
+    path, length = best_path(tree, ok, torch.zeros(tree.size))
+    assert [tree.paths[int(i)] for i in path[:length]] == [(), (0,), (0, 1), (0, 1, 0)]
+    ok[tree.paths.index((0, 1, 0))] = False  # now two paths of 3 nodes: the more likely one wins, padded to D+1
+    logp = torch.zeros(tree.size)
+    logp[tree.paths.index((0, 0))] = -0.1
+    logp[tree.paths.index((0, 1))] = -2.0
+    path, length = best_path(tree, ok, logp)
+    assert int(length) == 3 and [tree.paths[int(i)] for i in path] == [(), (0,), (0, 0), (0, 0)]
 
 
 # ----------------------------------------------------------------------------- acceptance

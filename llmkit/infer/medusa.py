@@ -33,7 +33,6 @@ import tempfile
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -258,7 +257,12 @@ class TokenTree:
 
     @property
     def depth(self) -> int:
-        return int(self.depths.max())
+        return max([len(p) for p in self.paths])
+
+    @property
+    def width(self) -> int:
+        """Top-k guesses taken from a head: the largest rank in the tree, plus one."""
+        return max([p[-1] for p in self.paths[1:]] + [0]) + 1  # a list, not a generator: traceable by dynamo
 
     def to(self, device) -> "TokenTree":
         return TokenTree(self.paths, *(t.to(device) for t in (self.parents, self.depths, self.ranks, self.ancestors,
@@ -308,34 +312,34 @@ def default_tree(heads: MedusaHeads, size: int = 64) -> TokenTree:
 
 def tree_tokens(root: Tensor, head_logits: Tensor, tree: TokenTree) -> Tensor:
     """The tree's token ids [N]: root [] then, at depth d, head d-1's top-(rank+1) token. head_logits [K, V]."""
-    k = int(tree.ranks.max()) + 1
-    top = head_logits.topk(k, dim=-1).indices  # [K, k]
+    top = head_logits.topk(tree.width, dim=-1).indices  # [K, width]
     nodes = top[tree.depths[1:] - 1, tree.ranks[1:]]
     return torch.cat([root.view(1), nodes])
 
 
-def tree_attention(tree: TokenTree, cur: int, n_keys: int, slopes: Tensor | None = None,
+def tree_attention(tree: TokenTree, cur: int | Tensor, n_keys: int, slopes: Tensor | None = None,
                    sliding_window: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(mask [1,1|H,N,n_keys], position ids [1,N]) for the tree's N tokens written at cache slots cur..cur+N-1.
 
     A node sees every committed slot (< cur) and its own ancestors; its position is cur + depth. With ALiBi
     slopes [H] the mask is additive float with the distance bias between positions (a tree slot's position is
     not its slot number); otherwise bool (True = may attend). Slots past the tree stay masked (a static cache).
+    Built from comparisons only, so `cur` may be a 0-d tensor and the shapes never depend on it (one graph).
     """
-    device = tree.depths.device
     N = tree.size
+    keys = torch.arange(n_keys, device=tree.depths.device)
+    rel = keys - cur  # a key's node number when it is a tree slot
+    in_tree = (rel >= 0) & (rel < N)
+    node = rel.clamp(0, N - 1)
+    allowed = (rel < 0)[None, :] | (tree.ancestors[:, node] & in_tree[None, :])  # [N, S]
     positions = cur + tree.depths  # [N]
-    allowed = torch.zeros(N, n_keys, dtype=torch.bool, device=device)
-    allowed[:, :cur] = True
-    allowed[:, cur: cur + N] = tree.ancestors
-    key_positions = torch.arange(n_keys, device=device)
-    key_positions[cur: cur + N] = positions
+    key_positions = torch.where(in_tree, cur + tree.depths[node], keys)
     distance = positions[:, None] - key_positions[None, :]  # [N, S]
     if sliding_window is not None:
         allowed &= distance < sliding_window
     if slopes is None:
         return allowed[None, None], positions[None]
-    bias = -slopes.to(device).view(1, -1, 1, 1) * distance.abs().float()[None, None]
+    bias = -slopes.to(keys.device).view(1, -1, 1, 1) * distance.abs().float()[None, None]
     return torch.where(allowed[None, None], bias, float("-inf")).to(dtype), positions[None]
 
 
@@ -360,22 +364,25 @@ def typical_accept(parent_logits: Tensor, tokens: Tensor, temperature: float, ep
     return logp.gather(-1, tokens[..., None]).squeeze(-1).exp() > threshold
 
 
-def best_path(tree: TokenTree, node_ok: Tensor, node_logp: Tensor) -> Tensor:
-    """Node ids [A+1] of the longest root path whose nodes are all right (the root always is); among equally long
-    paths the one the target finds most likely. node_ok [N] bool, node_logp [N] log p of each node's token."""
+def best_path(tree: TokenTree, node_ok: Tensor, node_logp: Tensor) -> tuple[Tensor, Tensor]:
+    """(node ids [D+1], length []) of the longest root path whose nodes are all right (the root always is); among
+    equally long paths the one the target finds most likely. node_ok [N] bool, node_logp [N] log p of each node's
+    token. The ids past `length` repeat the last accepted node: fixed shapes, no host synchronisation."""
     pad_false = torch.cat([node_ok, node_ok.new_zeros(1)])
     pad_zero = torch.cat([node_logp, node_logp.new_zeros(1)])
     right = pad_false[tree.leaf_paths].long().cumprod(-1)  # [P, D+1]: 1 while every node so far is right
     lengths = right.sum(-1)
     score = (pad_zero[tree.leaf_paths] * right).sum(-1)
     score = torch.where(lengths == lengths.max(), score, float("-inf"))
-    best = int(score.argmax())
-    return tree.leaf_paths[best, : int(lengths[best])]
+    best = score.argmax().view(1)  # 1-element index tensors: compiled graphs take no data-dependent ints
+    row, length = tree.leaf_paths.index_select(0, best)[0], lengths.index_select(0, best)
+    steps = torch.arange(row.shape[0], device=row.device)
+    return torch.where(steps < length, row, row.index_select(0, length - 1)), length[0]
 
 
-def compact_cache(model: Transformer, path_slots: Tensor, cur: int) -> None:
-    """Copy the accepted nodes' keys/values (at slots `path_slots`) into slots cur, cur+1, ... in every layer."""
-    dst = torch.arange(cur, cur + len(path_slots), device=path_slots.device)
+def compact_cache(model: Transformer, path_slots: Tensor, cur: int | Tensor) -> None:
+    """Copy the keys/values at slots `path_slots` [A] into slots cur, cur+1, ... in every layer."""
+    dst = cur + torch.arange(path_slots.shape[0], device=path_slots.device)
     for layer in model.model.layers:
         cache = layer.self_attn.kv_cache
         # index_select copies first: a source slot may be a later destination
@@ -434,8 +441,8 @@ class _Acceptance:
             return logits.argmax(-1)
         return sample(logits.float()[None], sp, generator=self.generator)[0]
 
-    def judge(self, tree: TokenTree, tokens: Tensor, node_logits: Tensor) -> Tensor:
-        """Node ids of the accepted path."""
+    def judge(self, tree: TokenTree, tokens: Tensor, node_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(node ids [D+1], length []) of the accepted path (see best_path)."""
         parent_logits = node_logits[tree.parents[1:]]  # [N-1, V]
         child = tokens[1:]
         sp = self.gen.sampling
@@ -445,8 +452,7 @@ class _Acceptance:
         else:
             ok = typical_accept(parent_logits, child, sp.temperature, self.epsilon, self.delta)
             logp = F.log_softmax(parent_logits.float() / sp.temperature, -1).gather(-1, child[:, None])[:, 0]
-        root_ok = ok.new_ones(1)
-        return best_path(tree, torch.cat([root_ok, ok]), torch.cat([logp.new_zeros(1), logp]))
+        return best_path(tree, torch.cat([ok.new_ones(1), ok]), torch.cat([logp.new_zeros(1), logp]))
 
 
 def check_generation(model: Transformer, heads: MedusaHeads, gen: GenerationConfig, tree: TokenTree) -> None:
@@ -465,40 +471,36 @@ def check_generation(model: Transformer, heads: MedusaHeads, gen: GenerationConf
         raise MedusaError(f"the tree is {tree.depth} levels deep but there are only {heads.config.num_heads} heads")
 
 
-def _tree_forward(model: Transformer, tokens: Tensor, positions: Tensor, slots: Tensor,
-                  mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits [N, V] and hidden states [N, C] of the tree tokens [1, N] written at cache `slots`."""
-    hidden = model.model(tokens, position_ids=positions, slots=slots, kv_len=mask.shape[-1], attn_mask=mask)[0]
-    return model.lm_head(hidden), hidden
+class _TreeDecoder:
+    """The two halves of a decoding step for one model, heads, tree and acceptance rule.
 
+    verify(tokens [N], cur []) -> logits [N, V], hidden [N, C]: the tree pass over the KV cache.
+    advance(tokens, logits, hidden, cur) -> accepted tokens [D+1] (valid up to `length`), length [], next tree
+        tokens [N]: judge the nodes, copy the accepted path's keys/values to slots cur.., take the next root from
+        its last node's logits and the heads' guesses from its hidden state.
+    Everything stays on the device with fixed shapes, so with `compiled` both halves are compiled (CUDA graphs on
+    GPU; `advance` only when greedy: sampling draws from a generator) and a step synchronises with the host once.
+    Compiled, the cache is the fast path's bucket (infer/fast.py: the same cache tensors every time, so a graph
+    finds the buffers it was captured with), read whole with the unwritten slots masked.
+    """
 
-_compiled_forwards: weakref.WeakKeyDictionary[Transformer, Callable] = weakref.WeakKeyDictionary()
-
-
-def compiled_tree_forward(model: Transformer) -> Callable:
-    """`_tree_forward` of this model compiled once (a CUDA graph on GPU) and kept as long as the model lives."""
-    if model not in _compiled_forwards:
-        cuda = model.model.embed_tokens.weight.is_cuda
-
-        def forward(tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-            return _tree_forward(model, tokens, positions, slots, mask)
-
-        _compiled_forwards[model] = torch.compile(forward, fullgraph=True, dynamic=False,
-                                                  mode="reduce-overhead" if cuda else None)
-    return _compiled_forwards[model]
-
-
-class _Verifier:
-    """One tree pass over the cache -> (logits [N, V], hidden [N, C]); compiled when gen.compile (a CUDA graph on
-    GPU). Compiled, the cache is the fast path's bucket (infer/fast.py: the same cache tensors every time, so a
-    graph finds the buffers it was captured with), read whole with unwritten slots masked: shapes never change."""
-
-    def __init__(self, model: Transformer, compiled: bool):
-        self.model, self.compiled = model, compiled
+    def __init__(self, model: Transformer, heads: MedusaHeads, tree: TokenTree, acceptance: _Acceptance,
+                 compiled: bool):
+        self.model, self.heads, self.tree, self.acceptance, self.compiled = model, heads, tree, acceptance, compiled
         cfg = model.config
-        self.slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else None
-        self.fn = compiled_tree_forward(model) if compiled else partial(_tree_forward, model)
+        self.slopes = alibi_slopes(cfg.n_head).to(tree.depths.device) if cfg.position == "alibi" else None
         self.cache_len = 0
+        greedy = acceptance.gen.sampling.greedy
+        self.verify = self._compile(self._verify) if compiled else self._verify
+        self.advance = self._compile(self._advance) if compiled and greedy else self._advance
+
+    def _compile(self, fn: Callable) -> Callable:
+        cuda = self.model.model.embed_tokens.weight.is_cuda
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+        if not cuda:
+            return compiled
+        # CUDA graphs reuse their output buffers on the next replay: keep copies
+        return lambda *args: tuple(t.clone() for t in compiled(*args))
 
     def setup_cache(self, needed: int) -> None:
         """A KV cache of at least `needed` slots (for one row)."""
@@ -508,53 +510,73 @@ class _Verifier:
             self.model.setup_cache(1, needed)
             self.cache_len = needed
 
-    def __call__(self, tree: TokenTree, tokens: Tensor, cur: int) -> tuple[Tensor, Tensor]:
-        cfg = self.model.config
-        n_keys = self.cache_len if self.compiled else cur + tree.size
-        dtype = self.model.model.embed_tokens.weight.dtype
-        mask, positions = tree_attention(tree, cur, n_keys, self.slopes, cfg.sliding_window, dtype)
-        slots = torch.arange(cur, cur + tree.size, device=tokens.device)
-        logits, hidden = self.fn(tokens[None], positions, slots, mask)
-        if logits.is_cuda and self.compiled:  # CUDA graphs reuse their output buffers on the next replay
-            logits, hidden = logits.clone(), hidden.clone()
-        return logits, hidden
+    def first_tokens(self, logits: Tensor, hidden: Tensor) -> Tensor:
+        """The first tree's tokens from the prefill's last logits [V] and hidden state [C]."""
+        return tree_tokens(self.acceptance.root(logits), self.heads(hidden), self.tree)
+
+    def _verify(self, tokens: Tensor, cur: Tensor) -> tuple[Tensor, Tensor]:
+        model, tree = self.model, self.tree
+        mask, positions = tree_attention(tree, cur, self.cache_len, self.slopes, model.config.sliding_window,
+                                         model.model.embed_tokens.weight.dtype)
+        slots = cur + torch.arange(tree.size, device=tokens.device)
+        hidden = model.model(tokens[None], position_ids=positions, slots=slots, kv_len=self.cache_len,
+                             attn_mask=mask)[0]
+        return model.lm_head(hidden), hidden
+
+    def _advance(self, tokens: Tensor, logits: Tensor, hidden: Tensor, cur: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        path, length = self.acceptance.judge(self.tree, tokens, logits)
+        compact_cache(self.model, path + cur, cur)  # D+1 slots: those past `length` are junk the next tree overwrites
+        last = path.index_select(0, (length - 1).view(1))
+        return tokens[path], length, self.first_tokens(logits.index_select(0, last)[0], hidden.index_select(0, last)[0])
+
+
+_decoders: weakref.WeakKeyDictionary[Transformer, dict] = weakref.WeakKeyDictionary()
+
+
+def tree_decoder(model: Transformer, heads: MedusaHeads, tree: TokenTree, acceptance: _Acceptance,
+                 compiled: bool) -> _TreeDecoder:
+    """A `_TreeDecoder`; compiled ones are kept per model, heads, tree and rule so each compiles once."""
+    if not compiled:
+        return _TreeDecoder(model, heads, tree, acceptance, False)
+    sp = acceptance.gen.sampling
+    key = (id(heads), tree.paths, sp, acceptance.epsilon, acceptance.delta)
+    kept = _decoders.setdefault(model, {})
+    if key not in kept or kept[key].heads is not heads:
+        kept[key] = _TreeDecoder(model, heads, tree, acceptance, True)
+    kept[key].acceptance.generator = acceptance.generator  # this run's random stream
+    return kept[key]
 
 
 @torch.inference_mode()
-def _decode_one(model: Transformer, heads: MedusaHeads, prompt: Sequence[int], gen: GenerationConfig,
-                tree: TokenTree, acceptance: _Acceptance, verifier: _Verifier, stats: MedusaStats) -> list[int]:
+def _decode_one(decoder: _TreeDecoder, prompt: Sequence[int], gen: GenerationConfig, stats: MedusaStats) -> list[int]:
+    model, tree = decoder.model, decoder.tree
     cfg, device = model.config, model.model.embed_tokens.weight.device
     T0, budget = len(prompt), gen.max_new_tokens
     if cfg.position == "learned" and T0 + budget + tree.depth > cfg.max_seq_len:
         raise MedusaError(f"prompt ({T0} tokens) + max_new_tokens ({budget}) + tree depth ({tree.depth}) exceeds "
                           f"the model's context of {cfg.max_seq_len} tokens")
-    verifier.setup_cache(T0 + budget + tree.size)
+    decoder.setup_cache(T0 + budget + tree.size)
     eos = set(gen.eos_token_ids)
     out: list[int] = []
     try:
         ids = torch.tensor([list(prompt)], device=device)
         hidden = model.model(ids, prefix_len=T0 if cfg.mask == "prefix" else None,
                              slots=torch.arange(T0, device=device), kv_len=T0)[0, -1]
-        logits, cur = model.lm_head(hidden), T0
+        tokens, cur = decoder.first_tokens(model.lm_head(hidden), hidden), T0
         stats.forwards += 1
-        while True:
-            root = acceptance.root(logits)
-            if budget - len(out) == 1 or int(root) in eos:  # the last token needs no verification pass
-                out.append(int(root))
+        while budget - len(out) > 1:
+            cur_t = torch.tensor(cur, device=device)
+            logits, hidden = decoder.verify(tokens, cur_t)
+            accepted, length, tokens = decoder.advance(tokens, logits, hidden, cur_t)
+            *accepted, n = torch.cat([accepted, length[None]]).tolist()  # the step's one host synchronisation
+            _count_step(stats, n)
+            out += accepted[: _until_stop(accepted[:n], eos, budget - len(out))]
+            if out[-1] in eos:
                 break
-            tokens = tree_tokens(root, heads(hidden), tree)
-            node_logits, node_hidden = verifier(tree, tokens, cur)
-            path = acceptance.judge(tree, tokens, node_logits)
-            if len(path) > 1:  # the root is always at slot cur already
-                compact_cache(model, path + cur, cur)
-            _count_step(stats, len(path))
-            accepted = tokens[path].tolist()
-            out += accepted[: _until_stop(accepted, eos, budget - len(out))]
-            if out[-1] in eos or len(out) == budget:
-                break
-            last = path[-1]
-            cur += len(path)
-            logits, hidden = node_logits[last], node_hidden[last]
+            cur += n
+        else:
+            if len(out) < budget:  # one token left: the root needs no verification pass
+                out.append(int(tokens[0]))
     finally:
         model.clear_cache()
     stats.new_tokens += len(out)
@@ -594,8 +616,8 @@ def medusa_generate(model: Transformer, heads: MedusaHeads, prompts: Sequence[Se
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MedusaError("every prompt needs at least one token")
     acceptance = _Acceptance(gen, epsilon, delta, make_generator(gen.sampling, device))
-    verifier = _Verifier(model, gen.compile)
-    tokens = [_decode_one(model, heads, p, gen, tree, acceptance, verifier, stats) for p in prompts]
+    decoder = tree_decoder(model, heads, tree, acceptance, gen.compile)
+    tokens = [_decode_one(decoder, p, gen, stats) for p in prompts]
     return MedusaOutput(tokens, stats)
 
 
