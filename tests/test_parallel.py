@@ -199,6 +199,24 @@ def test_bad_layouts_fail_before_any_process_group(packed, tmp_path, monkeypatch
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("objective", "ul2", "objective 'ul2' passes prefix lengths"),
+    ("compile", True, "compile: torch.compile is not applied under the tp 2 layout"),
+    ("cpu_offload", True, "cpu_offload: FSDP's CPU offload is not applied"),
+])
+def test_recipe_fields_a_layout_cannot_honour_fail_first(packed, tmp_path, monkeypatch, field, value, message):
+    from llmkit.parallel.trainer import ParallelTrainer
+    from llmkit.train.recipe import TrainConfig
+    from llmkit.train.trainer import TrainError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainConfig(data=str(packed), model="tiny", seq_len=32, micro_batch_size=4, device="cpu", tp=2,
+                      **{field: value})
+    with pytest.raises(TrainError, match=message):
+        ParallelTrainer(cfg, tmp_path / "run")
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+
+
 def test_stages_split_by_layer_and_keep_the_model_names():
     from llmkit.config import ModelConfig
     from llmkit.model import Transformer

@@ -44,15 +44,9 @@ class ParallelModel:
         self.data_rank, self.data_world = data_shard(self.mesh, layout)
         self.pp_rank = self.mesh.get_local_rank("pp")
         assert self.pp_rank == dist.get_rank() // (dist.get_world_size() // layout.pp), "pp must be the outer dim"
-        self.schedule = None
         self._losses: list[Tensor] = []  # raw (unscaled) micro-batch losses the pipeline's loss_fn saw
         self._loss_scale: Callable[[Tensor], Tensor] = lambda loss: loss
-        if layout.pp > 1:
-            self.stages, self.holder = split_model(model, self.pp_rank, layout.pp, layout.stages_per_rank)
-            roots: list[nn.Module] = list(self.stages)
-        else:
-            self.stages, self.holder = [], model
-            roots = [model]
+        roots = self._split(model)
         if layout.tp > 1:
             for root in roots:
                 apply_tensor_parallel(root, self.mesh["tp"])
@@ -60,11 +54,21 @@ class ParallelModel:
         if self.fsdp_mesh is not None:
             _apply_fsdp(roots, self.fsdp_mesh, fsdp_reshard)
         self.module = roots[0]
-        if layout.pp > 1:
-            n_stages = layout.pp * layout.stages_per_rank
-            self.schedule = build_schedule(self.stages, stage_ids(self.pp_rank, layout.pp, layout.stages_per_rank),
-                                           n_stages, self.mesh["pp"], device, layout.pp_schedule, layout.microbatches,
-                                           self._pipeline_loss)
+        self.schedule = self._pipeline_schedule() if layout.pp > 1 else None
+
+    def _split(self, model: Transformer) -> list[nn.Module]:
+        """The modules this rank runs (its pipeline stages, or the whole model); sets `stages` and `holder`."""
+        if self.layout.pp == 1:
+            self.stages, self.holder = [], model
+            return [model]
+        self.stages, self.holder = split_model(model, self.pp_rank, self.layout.pp, self.layout.stages_per_rank)
+        return list(self.stages)
+
+    def _pipeline_schedule(self):
+        layout = self.layout
+        return build_schedule(self.stages, stage_ids(self.pp_rank, layout.pp, layout.stages_per_rank),
+                              layout.pp * layout.stages_per_rank, self.mesh["pp"], self.device, layout.pp_schedule,
+                              layout.microbatches, self._pipeline_loss)
 
     # -- facts about this rank
 

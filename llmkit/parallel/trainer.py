@@ -49,6 +49,9 @@ def check_before_start(cfg: TrainConfig, layout: Layout) -> None:
     if (layout.tp > 1 or layout.pp > 1 or layout.cp > 1) and cfg.objective != "causal":
         raise TrainError(f"objective {cfg.objective!r} passes prefix lengths or masks the {layout.describe()} split "
                          "does not carry; use objective 'causal'")
+    if cfg.cpu_offload:
+        raise TrainError(f"cpu_offload: FSDP's CPU offload is not applied under the {layout.describe()} layout; "
+                         "set cpu_offload: false")
     if cfg.compile:
         raise TrainError(f"compile: torch.compile is not applied under the {layout.describe()} layout; "
                          "set compile: false")
