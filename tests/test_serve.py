@@ -315,7 +315,8 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 def test_full_queue_answers_429_with_retry_after(slow):
     url, server = slow
     body = {"messages": HELLO, "max_tokens": 60}
-    with httpx.stream("POST", url + CHAT, json=body | {"stream": True}) as running:
+    # the running request would take 3 s or more: ample time to queue one behind it (it is cancelled on close)
+    with httpx.stream("POST", url + CHAT, json=body | {"stream": True, "max_tokens": 150}) as running:
         lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
         next(lines)  # the role chunk: the request is submitted
         wait_for(lambda: server.engine.stats().running == 1)
@@ -390,20 +391,29 @@ def test_chat_cli_talks_to_a_running_server(served, reference, capsys):
         cli.run_chat(cli.chat_parser().parse_args([]), read=read)
 
 
-def test_rag_grounds_chat_and_returns_citations(checkpoint, tmp_path):
-    from test_rag_answer import DOCS, HashEmbedder
+@pytest.fixture(scope="module")
+def rag_index(checkpoint, tmp_path_factory) -> Path:
+    """A Milvus Lite index of four short documents, embedded by the served checkpoint itself."""
+    from test_rag_answer import DOCS
 
+    from llmkit.rag.index import build_index
+
+    path = tmp_path_factory.mktemp("rag") / "docs.db"
+    build_index(DOCS, path, embedder=f"llmkit:{checkpoint}")
+    return path
+
+
+def test_rag_grounds_chat_and_returns_citations(checkpoint, rag_index):
     from llmkit.rag.answer import Citation, map_citations
-    from llmkit.rag.index import Index, build_index
+    from llmkit.rag.index import Index
 
-    build_index(DOCS, tmp_path / "docs.db", embedder=HashEmbedder())
-    with Index.open(tmp_path / "docs.db", embedder=HashEmbedder()) as index:
-        url, thread, server = start(checkpoint, index=index, rag_k=2, rag_min_score=0.1)
+    with Index.open(rag_index) as index:
+        url, thread, server = start(checkpoint, index=index, rag_k=2, rag_min_score=-1)
         try:
             question = [{"role": "user", "content": "Who discovered oxygen?"}]
             reply = httpx.post(url + CHAT, json={"messages": question, "max_tokens": 8}, timeout=60).json()
             passages = reply["passages"]
-            assert passages and passages[0]["doc_id"] in ("oxygen", "priestley") and passages[0]["n"] == 1
+            assert 1 <= len(passages) <= 2 and passages[0]["n"] == 1 and passages[0]["doc_id"]
             text = reply["choices"][0]["message"]["content"]
             expected = map_citations(text, [Citation(**p) for p in passages])[0]
             assert [c["n"] for c in reply["citations"]] == [c.n for c in expected]
@@ -417,34 +427,51 @@ def test_rag_grounds_chat_and_returns_citations(checkpoint, tmp_path):
             server.engine.close()
 
 
-def test_serve_command_with_env_api_key_and_rag_index(checkpoint, tmp_path):
-    """`llmkit serve` as users run it: the key from $LLMKIT_API_KEY, an index embedded by the served checkpoint."""
+def test_serve_command_opens_the_rag_index_and_reads_the_env_key(checkpoint, rag_index, monkeypatch):
+    """`llmkit serve --rag INDEX` in-process: uvicorn.run is replaced by a test client on the app it gets."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from llmkit.cli import main
+
+    replies = []
+
+    def run(app, **kwargs):
+        assert kwargs["host"] == "127.0.0.1"
+        with TestClient(app) as c:
+            replies.append(c.post(CHAT, json={"messages": HELLO}))
+            replies.append(c.post(CHAT, json={"messages": HELLO, "max_tokens": 4},
+                                  headers={"Authorization": f"Bearer {KEY}"}))
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setenv("LLMKIT_API_KEY", KEY)
+    assert main(["serve", "--model", str(checkpoint), "--rag", str(rag_index), "--rag-min-score", "-1"]) == 0
+    assert replies[0].status_code == 401 and replies[1].status_code == 200
+    assert replies[1].json()["passages"] and "citations" in replies[1].json()
+
+
+def test_serve_command_runs_as_a_process(checkpoint):
+    """`llmkit serve` as users run it, with the key from $LLMKIT_API_KEY."""
     import os
     import socket
     import subprocess
     import sys
 
-    from test_rag_answer import DOCS
-
-    from llmkit.rag.index import build_index
-
-    build_index(DOCS, tmp_path / "docs.db", embedder=f"llmkit:{checkpoint}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llmkit", "serve", "--model", str(checkpoint), "--port", str(port),
-           "--rag", str(tmp_path / "docs.db"), "--rag-k", "2", "--rag-min-score", "-1", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "llmkit", "serve", "--model", str(checkpoint), "--port", str(port)]
     server = subprocess.Popen(cmd, env={**os.environ, "LLMKIT_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _up(url), timeout=60)
         assert_error(httpx.post(url + CHAT, json={"messages": HELLO}), 401)
-        reply = client(url, KEY).chat.completions.create(model="tiny", max_tokens=4,
-                                                         messages=[{"role": "user", "content": "oxygen?"}])
-        assert 1 <= len(reply.model_extra["passages"]) <= 2 and "citations" in reply.model_extra
+        reply = client(url, KEY).chat.completions.create(model="tiny", max_tokens=4, messages=HELLO)
+        assert reply.usage.completion_tokens == 4
     finally:
         server.terminate()
         _, err = server.communicate(timeout=30)
+    assert "Uvicorn running" in err or "llmkit serve: tiny" in err
     assert KEY not in err and "Traceback" not in err
 
 
