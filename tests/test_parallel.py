@@ -16,23 +16,10 @@ import torch
 
 from llmkit.cli import main
 from llmkit.plan import PlanError
+from test_train import packed  # noqa: F401  (the packed Tiny Shakespeare fixture the pretraining tests use)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STEPS = 5
 TIED = '{"n_layer": 4, "tie_embeddings": true}'
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Path:
-    from llmkit.data.pack import pack_documents, read_documents
-    from llmkit.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("packed")
-    corpus = root / "corpus.txt"
-    corpus.write_text((DATA / "tinyshakespeare.txt").read_text()[:60_000])
-    tok = train_tokenizer([corpus], "byte-bpe", 320)
-    pack_documents(read_documents([str(corpus)]), tok, root / "data", val_fraction=0.1, progress=False)
-    return root / "data"
 
 
 def common(packed: Path, global_batch_per_rank: int) -> list[str]:
