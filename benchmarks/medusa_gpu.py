@@ -13,7 +13,8 @@ Then, batch 1, greedy, --new-tokens new tokens after each of --prompts prompts f
   plain_eager   llmkit `generate` (eager static-cache decode)
   plain_fast    `generate(compile=True)`: the compiled decode step (a CUDA graph on GPU), the fast path
   medusa_eager  `medusa_generate`, tree verification pass eager
-  medusa_fast   `medusa_generate(compile=True)`: the tree pass compiled (a CUDA graph on GPU)
+  medusa_fast   `medusa_generate(compile=True)`: the tree pass and the acceptance + cache compaction compiled
+                (CUDA graphs on GPU)
 tokens/s is new tokens over the wall time of whole generate calls (prefill included), the median of
 --repeats rounds that time every path in turn after a warm-up that compiles. `ratio` is the faster Medusa
 path over plain_fast. `tokens_match` says whether every Medusa output equals plain greedy's token for

@@ -474,7 +474,8 @@ def check_generation(model: Transformer, heads: MedusaHeads, gen: GenerationConf
 class _TreeDecoder:
     """The two halves of a decoding step for one model, heads, tree and acceptance rule.
 
-    verify(tokens [N], cur []) -> logits [N, V], hidden [N, C]: the tree pass over the KV cache.
+    verify(tokens [N], cur [], n_keys) -> logits [N, V], hidden [N, C]: the tree pass over the first n_keys cache
+        slots (the whole cache when compiled, so the shapes stay fixed; only the filled part when eager).
     advance(tokens, logits, hidden, cur) -> accepted tokens [D+1] (valid up to `length`), length [], next tree
         tokens [N]: judge the nodes, copy the accepted path's keys/values to slots cur.., take the next root from
         its last node's logits and the heads' guesses from its hidden state.
@@ -514,13 +515,15 @@ class _TreeDecoder:
         """The first tree's tokens from the prefill's last logits [V] and hidden state [C]."""
         return tree_tokens(self.acceptance.root(logits), self.heads(hidden), self.tree)
 
-    def _verify(self, tokens: Tensor, cur: Tensor) -> tuple[Tensor, Tensor]:
+    def keys_read(self, cur: int) -> int:
+        return self.cache_len if self.compiled else cur + self.tree.size
+
+    def _verify(self, tokens: Tensor, cur: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
         model, tree = self.model, self.tree
-        mask, positions = tree_attention(tree, cur, self.cache_len, self.slopes, model.config.sliding_window,
+        mask, positions = tree_attention(tree, cur, n_keys, self.slopes, model.config.sliding_window,
                                          model.model.embed_tokens.weight.dtype)
         slots = cur + torch.arange(tree.size, device=tokens.device)
-        hidden = model.model(tokens[None], position_ids=positions, slots=slots, kv_len=self.cache_len,
-                             attn_mask=mask)[0]
+        hidden = model.model(tokens[None], position_ids=positions, slots=slots, kv_len=n_keys, attn_mask=mask)[0]
         return model.lm_head(hidden), hidden
 
     def _advance(self, tokens: Tensor, logits: Tensor, hidden: Tensor, cur: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -566,7 +569,7 @@ def _decode_one(decoder: _TreeDecoder, prompt: Sequence[int], gen: GenerationCon
         stats.forwards += 1
         while budget - len(out) > 1:
             cur_t = torch.tensor(cur, device=device)
-            logits, hidden = decoder.verify(tokens, cur_t)
+            logits, hidden = decoder.verify(tokens, cur_t, decoder.keys_read(cur))
             accepted, length, tokens = decoder.advance(tokens, logits, hidden, cur_t)
             *accepted, n = torch.cat([accepted, length[None]]).tolist()  # the step's one host synchronisation
             _count_step(stats, n)
