@@ -638,23 +638,24 @@ def medusa_generate_text(model: Transformer, heads: MedusaHeads, tokenizer, prom
 # ----------------------------------------------------------------------------- training
 
 
-def medusa_loss(head_logits: Tensor, labels: Tensor, decay: float, topk: int = 1,
+def medusa_loss(head_logits: Sequence[Tensor], labels: Tensor, decay: float, topk: int = 1,
                 segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(weighted summed cross-entropy, hits [K, topk], counts [K]) of heads [K, B, T, V] on shifted labels [B, T].
+    """(weighted summed cross-entropy, hits [K, topk], counts [K]) of K heads' logits [B, T, V] (a list, or one
+    tensor [K, B, T, V]) on shifted labels [B, T].
 
     labels[:, i] is token i+1, so head k's target at position i is labels[:, i + k + 1] (token i + k + 2);
     it counts only where that label is trained on and, in packed rows, lies in the same example.
     hits[k, r]: targets within head k's top-(r+1).
     """
-    K, _, T, _ = head_logits.shape
-    total = head_logits.new_zeros((), dtype=torch.float32)
+    K, T = len(head_logits), labels.shape[1]
+    total = torch.zeros((), device=labels.device)
     hits = torch.zeros(K, topk, device=labels.device)
     counts = torch.zeros(K, device=labels.device)
     for k in range(K):
         shift = k + 1
         if shift >= T:
             break
-        logits, target = head_logits[k, :, : T - shift].float(), labels[:, shift:]
+        logits, target = head_logits[k][:, : T - shift].float(), labels[:, shift:]
         if segment_ids is not None:
             same = segment_ids[:, : T - shift] == segment_ids[:, shift:]
             target = torch.where(same, target, IGNORE)
@@ -670,7 +671,7 @@ def medusa_loss(head_logits: Tensor, labels: Tensor, decay: float, topk: int = 1
 
 
 class MedusaModel(nn.Module):
-    """The frozen base and the heads, as the training loop sees them: `model(ids)` -> head logits [K, B, T, V]."""
+    """The frozen base and the heads, as the training loop sees them: `model(ids)` -> K head logits [B, T, V]."""
 
     def __init__(self, base: Transformer, heads: MedusaHeads):
         super().__init__()
@@ -683,10 +684,10 @@ class MedusaModel(nn.Module):
         return self
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
-                segment_ids: Tensor | None = None) -> Tensor:
+                segment_ids: Tensor | None = None) -> list[Tensor]:
         with torch.no_grad():  # Medusa-1: no gradient reaches the backbone, so none is computed through it
             hidden = self.base.model(input_ids, position_ids=position_ids, segment_ids=segment_ids)
-        return self.heads(hidden)
+        return [head(hidden) for head in self.heads.heads]  # a list: stacking would copy K vocabulary-wide logits
 
 
 class MedusaTrainer(FineTuner):
