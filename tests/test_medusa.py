@@ -268,6 +268,13 @@ def test_heads_round_trip_and_refuse_another_model(tmp_path):
         load_heads(tmp_path / "heads", other)
     with pytest.raises(MedusaError, match="no medusa_config.json"):
         load_heads(tmp_path, model)
+    config = json.loads((tmp_path / "heads" / "medusa_config.json").read_text())
+    (tmp_path / "heads" / "medusa_config.json").write_text(json.dumps({**config, "num_heads": 4}))
+    with pytest.raises(MedusaError, match=r"medusa_heads.safetensors: tensor 'heads.3.0.linear.weight' is missing"):
+        load_heads(tmp_path / "heads", model)
+    (tmp_path / "heads" / "medusa_config.json").write_text(json.dumps({"num_heads": 4}))
+    with pytest.raises(MedusaError, match="field 'num_layers' is missing"):
+        load_heads(tmp_path / "heads", model)
 
 
 def test_loss_targets_are_shifted_per_head():
