@@ -1,6 +1,6 @@
 """Medusa decoding speed against the plain fast path, with acceptance figures, on a base that really learned something.
 
-    python benchmarks/medusa_gpu.py                       # GPU: a 12-layer width-768 base, bf16
+    python benchmarks/medusa_gpu.py                       # GPU: a 16-layer width-2048 base (0.7B), bf16
     python benchmarks/medusa_gpu.py --device cpu --tiny   # CPU: a 4-layer width-128 base (a few minutes)
 
 Random weights give no acceptance, so the run trains what it measures, all on the bundled Tiny Shakespeare:
@@ -49,13 +49,14 @@ from llmkit.tokenizer import train_tokenizer
 
 SHAPES = {
     "tiny": dict(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=1024),
-    "base": dict(vocab_size=2048, n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, max_seq_len=1024),
+    # ~0.7B parameters: on a GPU a decode step of this size is bound by reading the weights, Medusa's regime
+    "base": dict(vocab_size=2048, n_layer=16, n_head=16, n_kv_head=4, d_model=2048, d_ff=5632, max_seq_len=1024),
 }
 # tiny / GPU defaults of the run's sizes
-DEFAULTS = {True: dict(base_steps=600, head_steps=600, head_lr=3e-3, window=128, batch=16, new_tokens=128, prompts=3,
-                       tree_sizes=(4, 8, 16, 64)),
-            False: dict(base_steps=2000, head_steps=1000, head_lr=1e-3, window=256, batch=32, new_tokens=256, prompts=4,
-                        tree_sizes=(16, 32, 64))}
+DEFAULTS = {True: dict(base_steps=600, base_lr=1e-3, head_steps=600, head_lr=3e-3, window=128, batch=16,
+                       new_tokens=128, prompts=3, tree_sizes=(4, 8, 16, 64)),
+            False: dict(base_steps=1500, base_lr=5e-4, head_steps=1000, head_lr=1e-3, window=256, batch=16,
+                        new_tokens=256, prompts=4, tree_sizes=(16, 32, 64))}
 
 
 def log(msg: str) -> None:
@@ -71,10 +72,11 @@ def corpus() -> str:
     return (resources.files("llmkit") / "assets" / "tinyshakespeare.txt").read_text()
 
 
-def train_base(model: Transformer, ids: torch.Tensor, steps: int, window: int, batch: int, device: str) -> float:
-    """AdamW on random windows; returns the mean loss of the last 20 steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+def train_base(model: Transformer, ids: torch.Tensor, sizes: dict, device: str) -> float:
+    """AdamW (one-cycle schedule) on random windows; returns the mean loss of the last 20 steps."""
+    steps, window, batch, lr = sizes["base_steps"], sizes["window"], sizes["batch"], sizes["base_lr"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     cuda = device.startswith("cuda")
     losses = []
     model.train()
@@ -123,7 +125,7 @@ def build(device: str, dtype: torch.dtype, tiny: bool, workdir: Path, sizes: dic
     model = Transformer(cfg).to(device)
     log(f"base: {model.num_params() / 1e6:.1f}M parameters, {len(ids):,} training tokens")
     start = time.perf_counter()
-    base_loss = train_base(model, ids, sizes["base_steps"], sizes["window"], sizes["batch"], device)
+    base_loss = train_base(model, ids, sizes, device)
     base_seconds = time.perf_counter() - start
     base_dir = llmkit.save(model.float().cpu(), tok, workdir / "base")
     train_file = workdir / "train.txt"
@@ -134,7 +136,8 @@ def build(device: str, dtype: torch.dtype, tiny: bool, workdir: Path, sizes: dic
     model, tok = llmkit.load(base_dir, device=device, dtype=dtype)
     heads = load_heads(workdir / "heads", model)
     trained = {"base": {"params_m": round(model.num_params() / 1e6, 2), "steps": sizes["base_steps"],
-                        "window": sizes["window"], "batch": sizes["batch"], "final_loss": round(base_loss, 3),
+                        "window": sizes["window"], "batch": sizes["batch"], "lr": sizes["base_lr"],
+                        "final_loss": round(base_loss, 3),
                         "seconds": round(base_seconds, 1)},
                "heads": heads_report}
     return model, heads, tok, text[split:], trained
