@@ -354,6 +354,21 @@ def test_training_resumes_exactly(base_dir, tmp_path):
     assert torch.equal(straight(x), resumed(x))
 
 
+def test_self_distillation_trains_on_the_base_own_continuations(base_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join((DATA / "tinyshakespeare.txt").read_text()[60_000:64_000].split("\n\n")[:12]))
+    cfg = MedusaTrainConfig(model=str(base_dir), data=str(text), num_heads=2, max_steps=2, micro_batch_size=4,
+                            max_seq_len=48, eval_every=0, warmup_steps=1, val_fraction=0.2, self_distill=10,
+                            distill_prompt_tokens=6)
+    trainer = MedusaTrainer(cfg, tmp_path / "run")
+    example = trainer.train_data.examples[0]
+    prompt = example.input_ids[:6]
+    eos = (trainer.tokenizer.eos_id,) if trainer.tokenizer.eos_id is not None else ()
+    reply = generate(trainer.base, [prompt], GenerationConfig(max_new_tokens=10, eos_token_ids=eos))[0]
+    assert example.input_ids == (prompt + reply)[:-1] and example.labels == [-100] * 5 + reply
+    assert len(trainer.val_examples) == 2 and math.isfinite(trainer.fit()["loss"])
+
+
 def test_cli_refuses_heads_for_another_model(base_dir, tmp_path, capsys):
     other = Transformer(ModelConfig.from_preset("tiny", d_model=32, d_ff=64)).eval()
     save_heads(random_heads(other, 2), tmp_path / "heads")

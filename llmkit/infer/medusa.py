@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit.data.sft import SFTExample
 from llmkit.infer.fast import compiled_decoder
 from llmkit.infer.generate import GenerationConfig
 from llmkit.infer.medusa_commands import MedusaTrainConfig
@@ -690,6 +691,15 @@ class MedusaModel(nn.Module):
         return [head(hidden) for head in self.heads.heads]  # a list: stacking would copy K vocabulary-wide logits
 
 
+def _prompt_length(example: SFTExample, text_prompt: int) -> int:
+    """Tokens of an example that prompt self-distillation: up to its first trained token (the reply of a chat),
+    or, when every token is trained (plain text), the first `text_prompt`, leaving at least one."""
+    first = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+    if first > 0:
+        return first + 1
+    return max(1, min(text_prompt, len(example) - 1))
+
+
 class MedusaTrainer(FineTuner):
     """The fine-tuning loop (progress, metrics.jsonl, TensorBoard, checkpoints, exact resume) training only the
     heads, with per-head top-1 accuracy in every record and top-k accuracies on validation."""
@@ -716,7 +726,35 @@ class MedusaTrainer(FineTuner):
         torch.manual_seed(cfg.seed)
         heads = MedusaHeads.for_model(base, cfg.num_heads, cfg.num_layers, str(Path(cfg.model).resolve()))
         self.task = "lm"
+        self.base = base.to(self.device)  # self-distillation generates with it before the loop moves the model
         return MedusaModel(base, heads), tok
+
+    def _load_data(self):
+        batches, val = super()._load_data()
+        if self.medusa.self_distill:
+            batches.examples = self._self_distilled(batches.examples)
+            val = self._self_distilled(val)
+        return batches, val
+
+    def _self_distilled(self, examples: list[SFTExample]) -> list[SFTExample]:
+        """Each example as its prompt followed by the base's greedy continuation, the loss on the continuation:
+        heads learn what the base will say, which is what decoding checks them against."""
+        from llmkit.infer.generate import generate
+
+        cfg, tok = self.medusa, self.tokenizer
+        prompts = [e.input_ids[: _prompt_length(e, cfg.distill_prompt_tokens)] for e in examples]
+        gen = GenerationConfig(max_new_tokens=cfg.self_distill,
+                               eos_token_ids=(tok.eos_id,) if tok.eos_id is not None else ())
+        pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+        out = []
+        for start in range(0, len(prompts), 32):
+            print(f"llmkit medusa: self-distillation: {start}/{len(prompts)} examples", file=sys.stderr)
+            batch = prompts[start: start + 32]
+            for prompt, reply, e in zip(batch, generate(self.base, batch, gen, pad), examples[start: start + 32]):
+                ids = (prompt + reply)[: cfg.max_seq_len + 1]
+                labels = [IGNORE] * (len(prompt) - 1) + ids[len(prompt):]
+                out.append(SFTExample(ids[:-1], labels[: len(ids) - 1], e.where))
+        return out
 
     def _reset_stats(self, topk: int) -> None:
         K = self.medusa.num_heads

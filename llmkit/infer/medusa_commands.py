@@ -40,6 +40,10 @@ class MedusaTrainConfig:
     num_layers: int = opt(1, "residual blocks (Linear + SiLU) per head before its vocabulary projection")
     decay: float = opt(0.8, "loss weight of head k is decay**k (far heads are less accurate and matter less)")
     eval_topk: int = opt(10, "validation: top-k accuracies per head measured (saved; they shape the token tree)")
+    self_distill: int = opt(0, "train on the base's own greedy continuations, this many tokens after each "
+                               "example's prompt (chat: the reply; text: its first --distill-prompt-tokens), as "
+                               "the Medusa paper does when the data is not the model's own output; 0 = off")
+    distill_prompt_tokens: int = opt(16, "--self-distill on text records: tokens of each example kept as prompt")
     lr: float = opt(1e-3, "peak learning rate")
     micro_batch_size: int = opt(8, "sequences per micro-batch")
     grad_accum: int = shared("grad_accum")
@@ -63,9 +67,11 @@ class MedusaTrainConfig:
         for name in ("model", "data"):
             if not getattr(self, name):
                 raise ValueError(f"option {name!r} is required")
-        for name in ("num_heads", "num_layers", "eval_topk"):
+        for name in ("num_heads", "num_layers", "eval_topk", "distill_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"option {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.self_distill < 0:
+            raise ValueError(f"option 'self_distill' must be >= 0 (0 = off), got {self.self_distill}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"option 'decay' must be in (0, 1], got {self.decay}")
 
