@@ -8,7 +8,9 @@ Random weights give no acceptance, so the run trains what it measures, all on th
   2. the base: --base-steps of AdamW on random 128/256-token windows of the first 95% of the text (this
      script's own short loop; the loss it reached is reported);
   3. Medusa heads with `MedusaTrainer` (what `llmkit medusa train` runs) on the same 95%, in paragraphs:
-     --head-steps steps, the base frozen; validation top-1 accuracy per head is reported.
+     --head-steps steps, the base frozen; validation top-1 accuracy per head is reported. With
+     --self-distill N the heads learn the base's own greedy continuations (N tokens after each paragraph's
+     first 16) instead of the text itself (`llmkit medusa train --self-distill N`).
 Then, batch 1, greedy, --new-tokens new tokens after each of --prompts prompts from the held-out last 5%:
   plain_eager   llmkit `generate` (eager static-cache decode)
   plain_fast    `generate(compile=True)`: the compiled decode step (a CUDA graph on GPU), the fast path
@@ -102,11 +104,12 @@ def train_heads(base_dir: Path, text_file: Path, out: Path, sizes: dict, device:
                             max_steps=sizes["head_steps"], micro_batch_size=sizes["batch"],
                             max_seq_len=sizes["window"], lr=sizes["head_lr"], warmup_steps=20, eval_every=0,
                             eval_batches=8, save_every=sizes["head_steps"], keep_last=1, val_fraction=0.02,
-                            log_every=50,
+                            log_every=50, self_distill=sizes["self_distill"],
                             precision="bf16" if device.startswith("cuda") else "fp32", device=device)
     trainer = MedusaTrainer(cfg, out)
     final = trainer.fit()
-    return {"steps": trainer.step, "loss_start": trainer.initial_val.get("val_loss"), "loss": final.get("val_loss"),
+    return {"steps": trainer.step, "self_distill": sizes["self_distill"],
+            "loss_start": trainer.initial_val.get("val_loss"), "loss": final.get("val_loss"),
             "val_top1_start": [trainer.initial_val.get(f"val_head{k}_acc") for k in range(num_heads)],
             "val_top1": [final.get(f"val_head{k}_acc") for k in range(num_heads)]}
 
@@ -190,7 +193,7 @@ def _medusa(model, heads, prompts, gen, tree_size):
 
 
 def run(device: str, dtype: torch.dtype, tiny: bool, repeats: int = 5, num_heads: int = 4, **overrides) -> dict:
-    sizes = {**DEFAULTS[tiny], **{k: v for k, v in overrides.items() if v is not None}}
+    sizes = {**DEFAULTS[tiny], "self_distill": 0, **{k: v for k, v in overrides.items() if v is not None}}
     with tempfile.TemporaryDirectory() as workdir:
         model, heads, tok, held_out, trained = build(device, dtype, tiny, Path(workdir), sizes, num_heads)
     prompts = prompts_from(tok, held_out, sizes["prompts"])
@@ -213,6 +216,8 @@ def main() -> None:
                         "default: 4,8,16,64 tiny, 16,32,64 otherwise")
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own count)")
+    parser.add_argument("--self-distill", type=int, default=0, help="heads learn the base's own continuations of "
+                        "this many tokens (0: the text itself)")
     for name in ("base-steps", "head-steps", "new-tokens", "prompts"):
         parser.add_argument(f"--{name}", type=int, default=None, help="default: see DEFAULTS")
     args = parser.parse_args()
@@ -224,7 +229,8 @@ def main() -> None:
                                                          torch.float32)
     tree_sizes = tuple(int(s) for s in args.tree_sizes.split(",")) if args.tree_sizes else None
     result = run(args.device, dtype, args.tiny, args.repeats, args.num_heads, base_steps=args.base_steps,
-                 head_steps=args.head_steps, new_tokens=args.new_tokens, prompts=args.prompts, tree_sizes=tree_sizes)
+                 head_steps=args.head_steps, new_tokens=args.new_tokens, prompts=args.prompts, tree_sizes=tree_sizes,
+                 self_distill=args.self_distill)
     print(json.dumps(result))
 
 
