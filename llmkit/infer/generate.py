@@ -33,6 +33,11 @@ class GenerationConfig:
     logits_processors: tuple[Callable[[Tensor, Tensor], Tensor], ...] = ()
     # decode steps through torch.compile (a CUDA graph on GPU): infer/fast.py; the first call compiles
     compile: bool = False
+    # speculative decoding (infer/speculative.py): a draft model sharing the tokenizer, k drafted tokens
+    # a round; or, with prompt_lookup_ngram > 0 and no draft, drafts copied from the context by n-gram
+    draft_model: Transformer | None = None
+    num_draft_tokens: int = 4
+    prompt_lookup_ngram: int = 0
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -144,6 +149,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: Generati
              pad_id: int = 0) -> list[list[int]]:
     """New token ids per prompt, up to and including the first EOS."""
     gen = gen or GenerationConfig()
+    if gen.draft_model is not None or gen.prompt_lookup_ngram:
+        return _generate_speculative(model, prompts, gen)
     # an encoder-decoder (T5) reads the prompt with its encoder
     decode = decode_seq2seq if model.config.architecture == "encoder-decoder" else decode_tokens
     steps = list(decode(model, prompts, gen, pad_id))
@@ -152,6 +159,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], gen: Generati
     out = torch.stack(steps, 1).tolist()
     eos = set(gen.eos_token_ids)
     return [_cut_at_eos(row, eos) for row in out]
+
+
+def _generate_speculative(model: Transformer, prompts: Sequence[Sequence[int]],
+                          gen: GenerationConfig) -> list[list[int]]:
+    from llmkit.infer.speculative import prompt_lookup_generate, speculative_generate  # it imports this module
+    if gen.draft_model is not None:
+        return speculative_generate(model, gen.draft_model, prompts, gen, gen.num_draft_tokens)[0]
+    return prompt_lookup_generate(model, prompts, gen, gen.prompt_lookup_ngram, gen.num_draft_tokens)[0]
 
 
 @torch.inference_mode()
