@@ -105,6 +105,11 @@ def generate_parser() -> Parser:
     _flag(p, "--stream", help="print tokens as they are generated")
     _flag(p, "--chat", help="wrap the prompt as a user turn of the chat template")
     _flag(p, "--json", help="print one JSON object (text and token counts)")
+    p.add_argument("--draft", type=str | None, default=None,
+                   help="speculative decoding: a smaller checkpoint with the same tokenizer drafts tokens")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per target pass (k)")
+    p.add_argument("--prompt-lookup", type=int, default=0,
+                   help="draft-free speculative decoding: copy drafts after the context's last N-gram (0 = off)")
     return p
 
 
@@ -147,8 +152,9 @@ def run_generate(args: Namespace) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    gen = _generation_config(args, tokenizer)
-    if args.stream and not args.json:
+    gen = _speculative_options(args, _generation_config(args, tokenizer))
+    speculative = gen.draft_model is not None or gen.prompt_lookup_ngram > 0
+    if args.stream and not args.json and not speculative:  # speculative rounds emit whole blocks: no stream
         for delta in stream_text(model, tokenizer, prompt, gen):
             print(delta, end="", flush=True)
         print()
@@ -160,6 +166,18 @@ def run_generate(args: Namespace) -> None:
                           "completion_tokens": len(tokenizer.encode(text))}))
     else:
         print(text)
+
+
+def _speculative_options(args: Namespace, gen):
+    import dataclasses
+
+    if getattr(args, "draft", None) is None and not getattr(args, "prompt_lookup", 0):
+        return gen
+    draft = None
+    if args.draft is not None:
+        draft, _ = _load(Namespace(**{**vars(args), "model": args.draft}))
+    return dataclasses.replace(gen, draft_model=draft, num_draft_tokens=args.num_draft_tokens,
+                               prompt_lookup_ngram=args.prompt_lookup)
 
 
 def run_chat(args: Namespace, read: Callable[[str], str] = input) -> None:

@@ -1,6 +1,8 @@
 """Speculative and prompt-lookup decoding: greedy equals the target's greedy; sampled output follows
 the target's processed distribution (chi-square at ALPHA), and a wrong acceptance rule fails that test."""
 
+import json
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -144,3 +146,21 @@ def test_sampled_output_follows_target_distribution(sp):
 def test_wrong_acceptance_rule_fails_the_same_test(monkeypatch):
     monkeypatch.setattr(speculative, "_verify", lambda p, q, token, generator: None)  # accept every draft
     assert chi_square_p(peaked(10), peaked(11), SamplingParams(temperature=1.0, seed=0), 3000) < ALPHA
+
+
+def test_cli_draft_and_prompt_lookup_match_plain_greedy(tmp_path, capsys):
+    import llmkit
+    from llmkit.cli import main
+    from llmkit.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 40)
+    tok = train_tokenizer([corpus], "byte-bpe", 300)
+    for name, seed, layers in (("target", 0, 2), ("draft", 1, 1)):
+        llmkit.save(build(seed, vocab_size=tok.vocab_size, n_layer=layers), tok, tmp_path / name)
+    base = ["generate", "--model", str(tmp_path / "target"), "--prompt", "to be or", "--max-new-tokens", "10", "--json"]
+    texts = []
+    for extra in ([], ["--draft", str(tmp_path / "draft"), "--num-draft-tokens", "3"], ["--prompt-lookup", "2"]):
+        assert main(base + extra) == 0
+        texts.append(json.loads(capsys.readouterr().out)["text"])
+    assert texts[0] == texts[1] == texts[2]
