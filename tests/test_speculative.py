@@ -95,6 +95,12 @@ def test_stops_at_eos(target):
         assert out[0][-1] == eos and len(out[0]) <= 5
 
 
+def test_context_overflow_is_refused():
+    target = build(4, "tiny-gpt2", max_seq_len=16)
+    with pytest.raises(ValueError, match="exceeds the model's context of 16"):
+        speculative_generate(target, target, [[1, 2, 3]], greedy(14))
+
+
 def test_vocab_mismatch_is_one_clear_error(target):
     with pytest.raises(ValueError, match="draft vocab_size 100 != target vocab_size 512"):
         speculative_generate(target, build(1, vocab_size=100), PROMPTS, greedy())

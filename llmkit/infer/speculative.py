@@ -151,7 +151,12 @@ def _decode_one(target: Transformer, draft: Transformer | None, prompt: Sequence
     seq, n_prompt = list(prompt), len(prompt)
     if not seq:
         raise ValueError("every prompt needs at least one token")
-    max_len = n_prompt + gen.max_new_tokens + k + 1
+    cfg = target.config
+    if cfg.position == "learned" and n_prompt + gen.max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({gen.max_new_tokens}) exceeds the model's "
+                         f"context of {cfg.max_seq_len} tokens")
+    # k shrinks near the end, so no slot past n_prompt + max_new_tokens - 1 is ever written
+    max_len = n_prompt + gen.max_new_tokens
     eos = set(gen.eos_token_ids)
     tcache = CachedModel(target, max_len)
     dcache = CachedModel(draft, max_len) if draft is not None else None
