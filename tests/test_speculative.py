@@ -127,10 +127,14 @@ def exact_pairs(target: Transformer, prompt: list[int], sp: SamplingParams) -> t
     return torch.stack(rows).flatten().double()
 
 
-def chi_square_p(target, draft, sp: SamplingParams, n: int) -> float:
-    prompt = [1, 2, 3]
-    gen = GenerationConfig(max_new_tokens=2, sampling=sp)
-    out, _ = speculative_generate(target, draft, [prompt] * n, gen, k=1)
+def chi_square_p(target, draft, sp: SamplingParams, n: int, prompt: tuple[int, ...] = (1, 2, 3)) -> float:
+    """p-value of n sampled pairs against the exact pairs; draft None means prompt lookup."""
+    gen, prompt = GenerationConfig(max_new_tokens=2, sampling=sp), list(prompt)
+    if draft is None:
+        out, stats = prompt_lookup_generate(target, [prompt] * n, gen, ngram=2, k=1)
+    else:
+        out, stats = speculative_generate(target, draft, [prompt] * n, gen, k=1)
+    assert stats.drafted > 0
     observed = torch.zeros(64, dtype=torch.float64)
     for a, b in out:
         observed[a * 8 + b] += 1
@@ -147,6 +151,11 @@ def chi_square_p(target, draft, sp: SamplingParams, n: int) -> float:
 @pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0, seed=0), SamplingParams(temperature=1.0, top_k=3, seed=1)])
 def test_sampled_output_follows_target_distribution(sp):
     assert chi_square_p(peaked(10), peaked(11), sp, 3000) > ALPHA
+
+
+def test_prompt_lookup_sampling_follows_target_distribution():
+    # the prompt's last token 1 occurred before, so every sample starts from a drafted token (q one-hot)
+    assert chi_square_p(peaked(10), None, SamplingParams(temperature=1.0, seed=2), 3000, (1, 2, 1, 2, 1)) > ALPHA
 
 
 def test_wrong_acceptance_rule_fails_the_same_test(monkeypatch):
