@@ -10,7 +10,7 @@ Batch 1, greedy, a 64-token prompt, --new-tokens new tokens. Prints one JSON obj
                 acceptance rate, tokens per target forward
   prompt_lookup prompt_lookup_generate (n-gram 3): the same figures
 Weights are random, so a real draft would predict nothing. THE DRAFT IS SYNTHETIC: it is the target's
-first quarter of layers with the target's embedding, final norm and head (shared, not copied), and the
+first quarter of layers (copied) with the target's embedding, final norm and head (shared), and the
 target's remaining layers have their output projections scaled by 0.05, so the draft predicts the
 target well, as a distilled draft of a trained model would. The prompt repeats a random 16-token
 segment, so prompt lookup has something to copy. Every figure is the median of --repeats runs after
@@ -20,6 +20,7 @@ a warm-up. Called by benchmarks/decode_gpu.py as run(device, dtype, tiny). Progr
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -56,7 +57,8 @@ def build_pair(device: str, dtype: torch.dtype, tiny: bool) -> tuple[Transformer
             layer.mlp.down_proj.weight.mul_(LATE_LAYER_SCALE)
     draft = Transformer(ModelConfig.from_preset("tiny", **{**shape, "n_layer": n_draft})).to(device, dtype).eval()
     draft.model.embed_tokens, draft.model.norm, draft.lm_head = target.model.embed_tokens, target.model.norm, target.lm_head
-    draft.model.layers = nn.ModuleList(target.model.layers[:n_draft])
+    # copies, not shared: each model keeps its KV cache in its own attention modules
+    draft.model.layers = nn.ModuleList(copy.deepcopy(layer) for layer in target.model.layers[:n_draft])
     return target, draft
 
 
@@ -100,7 +102,7 @@ def run(device: str, dtype: torch.dtype, tiny: bool, repeats: int = 3, new_token
     return {
         "device": device, "dtype": str(dtype).removeprefix("torch."), "k": k, "new_tokens": new_tokens,
         "target": {key: SHAPES[tiny][key] for key in ("n_layer", "d_model", "vocab_size")},
-        "draft_is": f"target's first {len(draft.model.layers)} layers + shared embedding/head; the target's later "
+        "draft_is": f"a copy of the target's first {len(draft.model.layers)} layers + its shared embedding/norm/head; the target's later "
                     f"layers scaled by {LATE_LAYER_SCALE} (synthetic, random weights)",
         "plain": {"path": "compiled fast path" if compiled else "eager", "tokens_per_s": round(plain_tps, 1)},
         "draft": figures(draft_s, draft_out, draft_stats, plain_tps),

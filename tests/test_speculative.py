@@ -1,6 +1,7 @@
 """Speculative and prompt-lookup decoding: greedy equals the target's greedy; sampled output follows
 the target's processed distribution (chi-square at ALPHA), and a wrong acceptance rule fails that test."""
 
+import copy
 import json
 
 import pytest
@@ -49,11 +50,17 @@ def test_gpt2_like_target_and_draft():
 
 
 def test_draft_equal_to_target_accepts_everything(target):
-    out, stats = speculative_generate(target, target, PROMPTS, greedy(13), k=4)
+    out, stats = speculative_generate(target, copy.deepcopy(target), PROMPTS, greedy(13), k=4)
     assert out == generate(target, PROMPTS, greedy(13))
     assert stats.acceptance_rate == 1.0
-    # 13 tokens: rounds of 5 (4 drafted + bonus), 5, then 3 (k shrinks to fit) + the prefill
-    assert stats.target_forwards == 3 * 4
+    # 13 tokens: rounds of 5 (4 drafted + bonus), 5, then 3 (k shrinks to fit), + a prefill for the
+    # two prompts longer than one token
+    assert stats.target_forwards == 3 * 3 + 2
+
+
+def test_draft_sharing_layers_with_target_is_refused(target):
+    with pytest.raises(ValueError, match="shares transformer layers"):
+        speculative_generate(target, target, PROMPTS, greedy())
 
 
 def test_random_draft_accepts_little(target):
@@ -82,14 +89,14 @@ def test_lookup_ngram_takes_latest_match():
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5])
 def test_max_new_tokens_is_exact(target, n):
-    out, _ = speculative_generate(target, target, PROMPTS, greedy(n), k=4)
+    out, _ = speculative_generate(target, copy.deepcopy(target), PROMPTS, greedy(n), k=4)
     assert [len(row) for row in out] == [n] * len(PROMPTS)
 
 
 def test_stops_at_eos(target):
     plain = generate(target, PROMPTS, greedy(12))
     eos = plain[0][4]  # the fifth token of the first row: it stops there (or earlier, at an earlier occurrence)
-    for out in (speculative_generate(target, target, PROMPTS, greedy(12, (eos,)), k=4)[0],
+    for out in (speculative_generate(target, copy.deepcopy(target), PROMPTS, greedy(12, (eos,)), k=4)[0],
                 prompt_lookup_generate(target, PROMPTS, greedy(12, (eos,)), k=4)[0]):
         assert out == generate(target, PROMPTS, greedy(12, (eos,)))
         assert out[0][-1] == eos and len(out[0]) <= 5
@@ -98,7 +105,7 @@ def test_stops_at_eos(target):
 def test_context_overflow_is_refused():
     target = build(4, "tiny-gpt2", max_seq_len=16)
     with pytest.raises(ValueError, match="exceeds the model's context of 16"):
-        speculative_generate(target, target, [[1, 2, 3]], greedy(14))
+        speculative_generate(target, build(5, "tiny-gpt2", max_seq_len=16), [[1, 2, 3]], greedy(14))
 
 
 def test_vocab_mismatch_is_one_clear_error(target):

@@ -164,6 +164,7 @@ def _decode_one(target: Transformer, draft: Transformer | None, prompt: Sequence
         # prefill all but the last prompt token: every round feeds from the target's `filled` on
         if n_prompt > 1:
             tcache.feed(seq, n_prompt - 1)
+            stats.target_forwards += 1
         while len(seq) - n_prompt < gen.max_new_tokens:
             # never draft past max_new_tokens: a round emits at most k_round + 1 tokens
             k_round = min(k, gen.max_new_tokens - (len(seq) - n_prompt) - 1)
@@ -184,7 +185,6 @@ def _decode_one(target: Transformer, draft: Transformer | None, prompt: Sequence
             dcache.close()
     out = seq[n_prompt:]
     stats.emitted += len(out)
-    stats.target_forwards += 1  # the prefill
     return out
 
 
@@ -193,6 +193,11 @@ def check_compatible(target: Transformer, draft: Transformer) -> None:
     tv, dv = target.config.vocab_size, draft.config.vocab_size
     if tv != dv:
         raise ValueError(f"draft and target must share a tokenizer: draft vocab_size {dv} != target vocab_size {tv}")
+    # each model's KV cache lives in its attention modules: a shared layer would hold one cache for both
+    target_attn = {id(layer.self_attn) for layer in target.model.layers}
+    if any(id(layer.self_attn) in target_attn for layer in draft.model.layers):
+        raise ValueError("the draft shares transformer layers with the target, so their KV caches would collide: "
+                         "give the draft its own copy of those layers (copy.deepcopy)")
 
 
 @torch.inference_mode()
