@@ -30,16 +30,20 @@ KEY, OTHER_KEY = "sk-test-0123456789", "sk-other-9876543210"
 HELLO = [{"role": "user", "content": "Good morrow, what news?"}]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def tiny_checkpoint(tmp_path_factory, **overrides) -> Path:
     corpus = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
     corpus.write_text((DATA / "tinyshakespeare.txt").read_text()[:30_000])
     tok = train_tokenizer([corpus], "byte-bpe", 300, chat_template=CHAT_TEMPLATES["chatml"])
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, **overrides)
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     llmkit.save(Transformer(cfg), tok, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory)
 
 
 def start(checkpoint: Path, engine_step_delay: float = 0.0, engine_kwargs: dict | None = None, index=None,
@@ -179,6 +183,84 @@ def test_response_format_json_schema(served):
     assert json.loads(reply.choices[0].message.content).keys() == {"ok"}
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The forecast for a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+                   "properties": {"city": {"type": "string", "maxLength": 10},
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "description": "The time now"}}
+ASK_WEATHER = [{"role": "user", "content": "Rain in Verona?"}]
+
+
+def assert_weather_call(name: str, arguments: str) -> None:
+    import jsonschema
+
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    """A server whose model takes 2048 tokens: tool descriptions in a 300-token BPE fill hundreds of them."""
+    url, thread, server = start(tiny_checkpoint(tmp_path_factory, max_seq_len=2048), max_tokens=200)
+    yield url
+    thread.stop()
+    server.engine.close()
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_forced_tool_choice_returns_tool_calls_whose_arguments_parse(long_context, tool_choice):
+    c = client(long_context)
+    tools = [WEATHER] if tool_choice == "required" else [CLOCK, WEATHER]
+    for seed in range(3):
+        reply = c.chat.completions.create(model="tiny", messages=ASK_WEATHER, tools=tools, tool_choice=tool_choice,
+                                          max_tokens=160, temperature=1.0, seed=seed)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        assert len(choice.message.tool_calls) == 1 and choice.message.tool_calls[0].id.startswith("call_")
+        assert_weather_call(choice.message.tool_calls[0].function.name, choice.message.tool_calls[0].function.arguments)
+
+    chunks = list(c.chat.completions.create(model="tiny", messages=ASK_WEATHER, tools=tools, tool_choice=tool_choice,
+                                            max_tokens=160, temperature=1.0, seed=0, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(d.content or "" for d in deltas) == ""  # the <tool_call> block never leaks out as text
+    (call,) = [tc for d in deltas for tc in d.tool_calls or []]
+    assert call.index == 0
+    assert_weather_call(call.function.name, call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # the call and its result go back in the conversation: the template renders both, the server answers
+    called = ASK_WEATHER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"rain": true}'}]
+    follow = c.chat.completions.create(model="tiny", messages=called, tools=tools, max_tokens=8, temperature=0)
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_calls_in_free_replies_are_split_out_streamed_or_not():
+    from llmkit.serve.tools import ToolCallStream, ToolUse
+
+    reply = 'Let me look.\n<tool_call>\n{"name": "clock", "arguments": {}}\n</tool_call>'
+    use = ToolUse([CLOCK], forced=None, parse=True, parallel=True)
+    content, calls = use.split(reply)
+    assert content == "Let me look." and [c["function"]["name"] for c in calls] == ["clock"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {}
+    assert use.split("no calls here <tool") == ("no calls here <tool", [])
+    assert ToolUse([CLOCK], None, parse=False, parallel=True).split(reply) == (reply, [])
+    twice = reply + reply[len("Let me look.\n"):]
+    assert len(use.split(twice)[1]) == 2
+    assert len(ToolUse([CLOCK], None, parse=True, parallel=False).split(twice)[1]) == 1
+    for size in (1, 3, 7):  # the tag split across pieces anywhere: no part of it is ever sent as content
+        stream = ToolCallStream(use)
+        sent = "".join(stream.push(reply[i:i + size]) for i in range(0, len(reply), size))
+        assert sent == "Let me look.\n"
+        rest, calls = stream.finish()
+        assert rest == "" and calls[0]["function"]["name"] == "clock"
+    stream = ToolCallStream(use)
+    assert stream.push("a <tool") == "a " and stream.push("kit>") == "<toolkit>" and stream.finish() == ("", [])
+
+
 # ----------------------------------------------------------------------------- malformed requests
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
@@ -207,6 +289,13 @@ MALFORMED = [
     (CHAT, {"messages": HELLO, "logit_bias": {"cat": 5}}, 400, "logit_bias"),
     (CHAT, {"messages": HELLO, "logit_bias": {"99999": 5}}, 400, "logit_bias"),
     (CHAT, {"messages": HELLO, "response_format": {"type": "yaml"}}, 400, "response_format"),
+    (CHAT, {"messages": HELLO, "tool_choice": "required"}, 400, "tool_choice"),  # no tools
+    (CHAT, {"messages": HELLO, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     400, "tool_choice"),
+    (CHAT, {"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
+    (CHAT, {"messages": HELLO, "tools": [WEATHER, WEATHER]}, 400, "tools"),
+    (CHAT, {"messages": HELLO, "tools": [WEATHER], "tool_choice": "required",
+            "response_format": {"type": "json_object"}}, 400, "tool_choice"),
     (CHAT, {"messages": [{"role": "user", "content": "thou art " * 400}]}, 400, "messages"),  # > context
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "model": "tiny"}, 200, None),
     (CHAT, {"messages": [{"role": "user", "content": "thou " * 100}], "max_tokens": 200}, 400, "messages"),
@@ -248,7 +337,7 @@ def test_a_chunked_body_over_the_cap_gets_413(served):
 
 def test_an_internal_error_is_a_500_without_a_traceback(served, monkeypatch, caplog):
     url, server = served
-    monkeypatch.setattr(server, "render", lambda messages: 1 / 0)
+    monkeypatch.setattr(server, "render", lambda messages, tools=None: 1 / 0)
     with caplog.at_level(logging.ERROR, logger="llmkit.serve"):
         error = assert_error(httpx.post(url + CHAT, json={"messages": HELLO}), 500)
     assert error == {"message": "internal server error", "type": "server_error", "param": None, "code": None}

@@ -40,6 +40,7 @@ from llmkit.serve.metrics import Metrics, RecordRequests
 from llmkit.serve.rendering import chat_logprobs, completion_logprobs, usage
 from llmkit.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingRequest
 from llmkit.serve.security import ApiKeys, Guard, RateLimiter
+from llmkit.serve.tools import ToolCallStream, ToolUse, finish_reason, stream_calls, tool_use
 
 log = logging.getLogger("llmkit.serve")
 STATIC = Path(__file__).parent / "static"
@@ -184,11 +185,13 @@ class Server:
         except RagError as e:  # e.g. no user message to retrieve for: the request's fault
             raise ApiError(400, f"messages: {e}", param="messages") from None
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        from llmkit.agents.tools import render_chat
+
         if self.tokenizer.chat_template is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return render_chat(self.tokenizer, messages, tools)
         except Exception as e:  # a template may reject a conversation (raise_exception): that is the client's
             raise ApiError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
 
@@ -361,49 +364,70 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     passages: list | None = None
     if server.grounding is not None:
         messages, passages = await run_in_threadpool(server.ground, messages, body.token_limit())
-    ids = server.encode(server.render(messages), "messages")
+    tools = tool_use(body)
+    ids = server.encode(server.render(messages, tools.specs if tools else None), "messages")
     budget = server.completion_budget(len(ids), body.token_limit(), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    processors = await _chat_processors(server, body)
+    processors = await _chat_processors(server, body, tools)
     requests = [(ids, server.options(body, budget, j, logprobs, processors[j])) for j in range(body.n)]
     gen = server.submit(requests, body.stop_strings())
     reply = _Reply(server, "chatcmpl", "chat.completion", len(ids), start, passages)
     if body.stream:
-        return _sse(reply.chat_chunks(gen, body.n, body.logprobs, body.include_usage()))
+        return _sse(reply.chat_chunks(gen, body.n, body.logprobs, body.include_usage(), tools))
     pieces = await _collect(gen, request)
     reply.first_token(gen.first_piece_at)
-    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(p.text for p in ps)},
-                "logprobs": {"content": chat_logprobs(server.tokenizer, ps)} if body.logprobs else None,
-                "finish_reason": ps[-1].finish_reason} for i, ps in enumerate(pieces)]
+    choices = [_chat_choice(server, i, ps, body.logprobs, tools) for i, ps in enumerate(pieces)]
     out = {**reply.header(), "choices": choices, "usage": reply.usage(pieces)}
-    return out | reply.citations([c["message"]["content"] for c in choices])
+    return out | reply.citations([c["message"]["content"] or "" for c in choices])
+
+
+def _chat_choice(server: Server, index: int, pieces: list[Piece], logprobs: bool, tools: ToolUse | None) -> dict:
+    text = "".join(p.text for p in pieces)
+    content, calls = tools.split(text) if tools else (text, [])
+    message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+    return {"index": index, "message": message,
+            "logprobs": {"content": chat_logprobs(server.tokenizer, pieces)} if logprobs else None,
+            "finish_reason": finish_reason(pieces[-1].finish_reason, calls)}
 
 
 def _message_dict(m) -> dict:
     out = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
     return out | ({"name": m.name} if m.name else {})
 
 
-async def _chat_processors(server: Server, body: ChatCompletionRequest) -> list[Callable | None]:
-    """One logits processor per choice: logit_bias, then the response_format grammar (stateful: one each)."""
+async def _chat_processors(server: Server, body: ChatCompletionRequest, tools: ToolUse | None
+                           ) -> list[Callable | None]:
+    """One logits processor per choice: logit_bias, then the grammar of response_format or of a forced tool
+    call (stateful: one each)."""
+    from llmkit.prompting.structured import constraint_from_response_format
+
     bias = server.bias_processor(body.logit_bias)
     try:
-        from llmkit.prompting.structured import constraint_from_response_format
-
         constraint = constraint_from_response_format(body.response_format)
     except ValueError as e:
         raise ApiError(400, f"response_format: {e}", param="response_format") from None
-    if constraint is None:
+    forced = tools.forced if tools else None  # tool_use refused a forced call beside a response_format
+    if constraint is None and not forced:
         return [bias] * body.n
-    grammars = await run_in_threadpool(_grammar_processors, server, constraint, body.n)
+    grammars = await run_in_threadpool(_grammar_processors, server, constraint, forced, body.n)
     return [_chain(bias, g) for g in grammars]
 
 
-def _grammar_processors(server: Server, constraint: dict, n: int) -> list[Callable]:
+def _grammar_processors(server: Server, constraint: dict | None, forced: list[dict] | None,
+                        n: int) -> list[Callable]:
+    from llmkit.agents.tools import ToolError, tool_call_processor
     from llmkit.prompting.structured import grammar_processor
 
     try:
+        if forced:
+            return [tool_call_processor(server.tokenizer, forced, stop_token_ids=server.eos) for _ in range(n)]
         return [grammar_processor(server.tokenizer, **constraint, stop_token_ids=server.eos) for _ in range(n)]
+    except ToolError as e:
+        raise ApiError(400, f"tools: {e}", param="tools") from None
     except ValueError as e:
         raise ApiError(400, f"response_format: {e}", param="response_format") from None
 
@@ -450,20 +474,30 @@ class _Reply:
         cited = [[c.to_dict() for c in map_citations(t, self.passages)[0]] for t in texts]
         return {"passages": [p.to_dict() for p in self.passages], "citations": cited[0] if len(cited) == 1 else cited}
 
-    async def chat_chunks(self, gen: Generation, n: int, logprobs: bool, include_usage: bool) -> AsyncIterator[dict]:
+    async def chat_chunks(self, gen: Generation, n: int, logprobs: bool, include_usage: bool,
+                          tools: ToolUse | None = None) -> AsyncIterator[dict]:
         for i in range(n):
             yield self._chat_chunk(i, {"role": "assistant", "content": ""})
         texts, pieces = [""] * n, [[] for _ in range(n)]
+        streams = [ToolCallStream(tools) for _ in range(n)] if tools else None
         async for p in gen:
             self.first_token()
             texts[p.index] += p.text
             pieces[p.index].append(p)
+            text = streams[p.index].push(p.text) if streams else p.text
             lp = {"content": chat_logprobs(self.server.tokenizer, [p])} if logprobs else None
-            if p.text or lp:
-                yield self._chat_chunk(p.index, {"content": p.text}, lp)
+            if text or lp:
+                yield self._chat_chunk(p.index, {"content": text}, lp)
             if p.finish_reason is not None:
+                reason = p.finish_reason
+                if streams:
+                    content, calls = streams[p.index].finish()
+                    if content or calls:
+                        delta = {"content": content or None} | ({"tool_calls": stream_calls(calls)} if calls else {})
+                        yield self._chat_chunk(p.index, delta)
+                    reason = finish_reason(reason, calls)
                 extra = self.citations([texts[p.index]]) if self.passages is not None else {}
-                yield self._chat_chunk(p.index, {}, finish_reason=p.finish_reason) | extra
+                yield self._chat_chunk(p.index, {}, finish_reason=reason) | extra
         if include_usage:
             yield {**self.header(chunk=True), "choices": [], "usage": self.usage(pieces)}
 

@@ -32,11 +32,40 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema object; None: no arguments
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: Annotated[dict[str, str], Field(min_length=1)]  # {"name": ...}
+
+
 class ChatMessage(_Strict):
     # "developer" is OpenAI's newer name for the system role; it is rendered as "system"
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a "tool" turn: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -84,6 +113,9 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    tools: list[ToolSpec] | None = Field(None, max_length=128)  # OpenAI's limit
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # the Hermes format allows several <tool_call> blocks in one reply
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
