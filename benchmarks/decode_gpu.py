@@ -13,7 +13,8 @@ One run prints one JSON object with:
   engine       continuous-batching throughput (llmkit.infer.engine) at batch 1, 8 and 64: that many
                requests of 128 prompt + 256 new tokens submitted at once, generated tokens/s.
   quantized    int8 / int4 weight-only decode speed-ups (benchmarks/quantize_gpu.py), when present.
-  speculative  draft-model, prompt-lookup and Medusa speed-ups (benchmarks/speculative_gpu.py), when present.
+  speculative  draft-model and prompt-lookup speed-ups (benchmarks/speculative_gpu.py), when present.
+  medusa       Medusa-head speed-ups over the fast path (benchmarks/medusa_gpu.py), when present.
 Weights are random (speed does not depend on them); every figure is the median of --repeats runs
 after a warm-up that compiles. Progress goes to stderr.
 """
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--engine-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64])
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: quantized,speculative")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: quantized,speculative,medusa")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available here: run with --device cpu --tiny for a smoke run")
@@ -173,7 +174,7 @@ def main() -> None:
                        "fraction_of_bound": round(result["decode"]["llmkit_tok_s"] / bound, 3)}
     result["engine"] = bench_engine(model, args)
     skip = set(args.skip.split(","))
-    for part, module in (("quantized", "quantize_gpu"), ("speculative", "speculative_gpu")):
+    for part, module in (("quantized", "quantize_gpu"), ("speculative", "speculative_gpu"), ("medusa", "medusa_gpu")):
         if part not in skip and (figures := optional_part(module, args, dtype)) is not None:
             result[part] = figures
     print(json.dumps(result))
