@@ -65,7 +65,9 @@ def add_dataclass_options(p: Parser, cls) -> None:
     import typing
 
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    # the command's own options first, then those it shares with others (a stable sort keeps each group's order)
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if hints[f.name] is bool:
             p.add_argument("--" + f.name.replace("_", "-"), action=ActionYesNo(no_prefix="no-"), default=default,

@@ -154,7 +154,7 @@ def test_registered_functions_from_a_file(tmp_path):
     assert tool.run({"text": "hi"}) == "HI HI "
     with pytest.raises(ToolError, match="no function"):
         load_function(f"{f}:whisper")
-    with pytest.raises(ToolError, match="module:function"):
+    with pytest.raises(ToolError, match="MODULE:NAME"):
         load_function("shout")
 
 

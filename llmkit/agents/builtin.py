@@ -4,13 +4,11 @@ over an llmkit RAG index, and Python functions a user registers by "module:funct
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-from pathlib import Path
 from typing import Any
 
 from llmkit.agents.tools import Tool, ToolError, function_tool
+from llmkit.user_code import load_callable
 
 BUILTIN = ("calculator", "search")
 _MATH_FUNCTIONS = {name: getattr(math, name) for name in (
@@ -65,24 +63,10 @@ def search_tool(index_path: str, k: int = 4, mode: str = "hybrid", **open_kwargs
 def load_function(spec: str) -> Tool:
     """A tool from "package.module:function" or "path/to/file.py:function" (its signature and docstring
     describe it)."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ToolError(f"--function {spec!r}: expected module:function or file.py:function")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ToolError(f"--function {spec!r}: {path}: no such file")
-        module_spec = importlib.util.spec_from_file_location(f"llmkit_agent_tools_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ToolError(f"--function {spec!r}: cannot import {target}: {e}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ToolError(f"--function {spec!r}: {target} has no function {name!r}")
+    try:
+        fn = load_callable(spec, "--function")
+    except ValueError as e:
+        raise ToolError(str(e)) from None
     return function_tool(fn)
 
 

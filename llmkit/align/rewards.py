@@ -10,11 +10,10 @@ A reward function is called once per batch, TRL's way: `fn(prompts, completions,
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
 from collections.abc import Callable
-from pathlib import Path
+
+from llmkit.user_code import load_callable
 
 RewardFn = Callable[..., list[float]]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -39,22 +38,4 @@ def exact_answer(prompts: list[str], completions: list[str], answer: list[str], 
 
 def load_reward_fn(spec: str) -> RewardFn:
     """The function `spec` names: "package.module:name" or "path/to/file.py:name"."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ValueError(f"--reward-fn {spec!r}: expected MODULE:NAME or FILE.py:NAME")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ValueError(f"--reward-fn {spec!r}: {path} is not a file")
-        module_spec = importlib.util.spec_from_file_location(f"llmkit_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ValueError(f"--reward-fn {spec!r}: cannot import {target} ({e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"--reward-fn {spec!r}: {target} has no function {name!r}")
-    return fn
+    return load_callable(spec, "--reward-fn")

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ from dataclasses import dataclass
 from jsonargparse import Namespace
 
 from llmkit.cli import Parser, _add_model_options, _add_sampling_options, _flag, _parser, add_dataclass_options
-from llmkit.train.finetune_commands import FinetuneConfig, shared
+from llmkit.train.finetune_commands import (FinetuneConfig, LoopOptions, add_run_options, fit_from_args,
+                                            print_summary)
 from llmkit.train.recipe import opt
 
 # options passed through unchanged to the fine-tuning loop that trains the heads
@@ -25,7 +25,7 @@ _LOOP_FIELDS = ("data", "val_data", "val_fraction", "format", "chat_template", "
 
 
 @dataclass
-class MedusaTrainConfig:
+class MedusaTrainConfig(LoopOptions):
     model: str = opt("", "base checkpoint directory (llmkit or Hugging Face, decoder-only); it stays frozen")
     data: str = opt("", "training data: JSONL (alpaca / messages / sharegpt / text records) or .txt; "
                         "several files comma-separated")
@@ -45,23 +45,7 @@ class MedusaTrainConfig:
                                "the Medusa paper does when the data is not the model's own output; 0 = off")
     distill_prompt_tokens: int = opt(16, "--self-distill on text records: tokens of each example kept as prompt")
     lr: float = opt(1e-3, "peak learning rate")
-    micro_batch_size: int = opt(8, "sequences per micro-batch")
-    grad_accum: int = shared("grad_accum")
-    optimizer: str = shared("optimizer")
-    min_lr_ratio: float = shared("min_lr_ratio")
-    weight_decay: float = shared("weight_decay", 0.0)
-    grad_clip: float = shared("grad_clip")
-    schedule: str = shared("schedule")
-    warmup_steps: int = shared("warmup_steps", 10)
-    max_steps: int = shared("max_steps", 200)
-    precision: str = shared("precision")
-    save_every: int = shared("save_every", 100)
-    keep_last: int = shared("keep_last", 2)
-    eval_every: int = shared("eval_every", 50)
-    eval_batches: int = shared("eval_batches")
-    log_every: int = shared("log_every")
     seed: int = opt(0, "seed for head init and data order")
-    device: str = shared("device")
 
     def validate(self) -> None:
         for name in ("model", "data"):
@@ -80,36 +64,24 @@ class MedusaTrainConfig:
         loop = {name: getattr(self, name) for name in _LOOP_FIELDS}
         return FinetuneConfig(**loop, model=self.model, method="full", lr=self.lr)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def train_parser() -> Parser:
     p = _parser("llmkit medusa train", "Train Medusa heads (residual block + vocabulary head per offset) on a frozen "
                 "base model, for tree-verified decoding with `llmkit medusa generate`.")
     add_dataclass_options(p, MedusaTrainConfig)
-    p.add_argument("--out", type=str, default="runs/medusa", help="run directory: the heads "
-                   "(medusa_heads.safetensors + medusa_config.json), checkpoints, metrics.jsonl")
-    _flag(p, "--resume", help="continue the run in --out from its last checkpoint")
-    _flag(p, "--overwrite", help="delete an existing --out first")
-    _flag(p, "--json", help="print one JSON summary object on stdout")
+    add_run_options(p, "runs/medusa", "run directory: the heads (medusa_heads.safetensors + medusa_config.json), "
+                    "checkpoints, metrics.jsonl", json_summary=True)
     return p
 
 
 def run_train(args: Namespace) -> None:
-    import yaml
-
     from llmkit.infer.medusa import MedusaTrainer
 
-    cfg = MedusaTrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(MedusaTrainConfig)})
-    trainer = MedusaTrainer(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    (trainer.out / "medusa.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    final = trainer.fit()
-    summary = {"out": str(trainer.out), "steps": trainer.step, "loss": final.get("loss"),
-               "val_loss_start": trainer.initial_val.get("val_loss"), "val_loss": final.get("val_loss"),
-               "val_head_acc_start": [trainer.initial_val.get(f"val_head{k}_acc") for k in range(cfg.num_heads)],
-               "val_head_acc": [final.get(f"val_head{k}_acc") for k in range(cfg.num_heads)]}
-    print(json.dumps(summary), file=sys.stdout if args.json else sys.stderr)
+    cfg, trainer, final = fit_from_args(args, MedusaTrainConfig, MedusaTrainer, "medusa.yaml")
+    print_summary({"out": str(trainer.out), "steps": trainer.step, "loss": final.get("loss"),
+                   "val_loss_start": trainer.initial_val.get("val_loss"), "val_loss": final.get("val_loss"),
+                   "val_head_acc_start": [trainer.initial_val.get(f"val_head{k}_acc") for k in range(cfg.num_heads)],
+                   "val_head_acc": [final.get(f"val_head{k}_acc") for k in range(cfg.num_heads)]}, args)
 
 
 def generate_parser() -> Parser:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import sys
 from dataclasses import dataclass
 
 from jsonargparse import Namespace
 
-from llmkit.cli import Parser, _flag, _parser, add_dataclass_options
-from llmkit.train.finetune_commands import FinetuneConfig, shared
+from llmkit.cli import Parser, _parser, add_dataclass_options
+from llmkit.train.finetune_commands import (FinetuneConfig, LoopOptions, add_run_options, fit_from_args,
+                                            print_summary)
 from llmkit.train.recipe import opt
 
 METHODS = ("kd", "reverse-kl", "gkd", "seq-kd", "cot")
@@ -22,7 +20,7 @@ _LOOP_FIELDS = ("data", "val_data", "val_fraction", "format", "chat_template", "
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(LoopOptions):
     teacher: str = opt("", "teacher checkpoint directory (llmkit or Hugging Face, decoder-only)")
     student: str = opt("", "student checkpoint directory, or a preset name (built with the teacher's tokenizer)")
     method: str = opt("kd", "kd: forward KL on temperature-softened teacher distributions mixed with CE; "
@@ -49,23 +47,7 @@ class DistillConfig:
                                  "(written when missing, reused when present)")
     lr: float = opt(3e-4, "peak learning rate")
     max_seq_len: int = opt(256, "tokens per example")
-    micro_batch_size: int = opt(8, "sequences per micro-batch")
-    grad_accum: int = shared("grad_accum")
-    optimizer: str = shared("optimizer")
-    min_lr_ratio: float = shared("min_lr_ratio")
-    weight_decay: float = shared("weight_decay", 0.0)
-    grad_clip: float = shared("grad_clip")
-    schedule: str = shared("schedule")
-    warmup_steps: int = shared("warmup_steps", 10)
-    max_steps: int = shared("max_steps", 200)
-    precision: str = shared("precision")
-    save_every: int = shared("save_every", 100)
-    keep_last: int = shared("keep_last", 2)
-    eval_every: int = shared("eval_every", 50)
-    eval_batches: int = shared("eval_batches")
-    log_every: int = shared("log_every")
     seed: int = opt(0, "seed for the student's init, data order and sampling")
-    device: str = shared("device")
 
     def validate(self) -> None:
         for name in ("teacher", "student", "data"):
@@ -88,33 +70,22 @@ class DistillConfig:
         return FinetuneConfig(**{**loop, "model": student, "method": "full", "lr": self.lr,
                                  "data": data or self.data})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def distill_parser() -> Parser:
     p = _parser("llmkit distill", "Knowledge distillation from a teacher into a student: word-level KD, reverse KL "
                 "(MiniLLM), on-policy GKD, sequence-level KD or chain-of-thought distillation.")
     add_dataclass_options(p, DistillConfig)
-    p.add_argument("--out", type=str, default="runs/distill", help="run directory (checkpoints, logs, model)")
-    _flag(p, "--resume", help="continue the run in --out from its last checkpoint")
-    _flag(p, "--overwrite", help="delete an existing --out first")
-    _flag(p, "--json", help="print one JSON summary object on stdout")
+    add_run_options(p, "runs/distill", "run directory (checkpoints, logs, model)", json_summary=True)
     return p
 
 
 def run_distill(args: Namespace) -> None:
-    import yaml
-
     from llmkit.train.distill import Distiller
 
-    cfg = DistillConfig(**{f.name: args[f.name] for f in dataclasses.fields(DistillConfig)})
-    distiller = Distiller(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    (distiller.out / "distill.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    final = distiller.fit()
-    summary = {"out": str(distiller.out), "method": cfg.method, "steps": distiller.step, "loss": final.get("loss"),
-               "val_loss_start": distiller.initial_val.get("val_loss"), "val_loss": final.get("val_loss")}
-    print(json.dumps(summary), file=sys.stdout if args.json else sys.stderr)
+    cfg, distiller, final = fit_from_args(args, DistillConfig, Distiller, "distill.yaml")
+    print_summary({"out": str(distiller.out), "method": cfg.method, "steps": distiller.step,
+                   "loss": final.get("loss"), "val_loss_start": distiller.initial_val.get("val_loss"),
+                   "val_loss": final.get("val_loss")}, args)
 
 
 COMMANDS = {

@@ -128,31 +128,72 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class LoopOptions:
+    """The loop options of the commands that train through the fine-tuning loop (distill, medusa train): declared
+    as `llmkit pretrain` declares them (same help), with these commands' defaults."""
+
+    micro_batch_size: int = opt(8, "sequences per micro-batch")
+    grad_accum: int = shared("grad_accum")
+    optimizer: str = shared("optimizer")
+    min_lr_ratio: float = shared("min_lr_ratio")
+    weight_decay: float = shared("weight_decay", 0.0)
+    grad_clip: float = shared("grad_clip")
+    schedule: str = shared("schedule")
+    warmup_steps: int = shared("warmup_steps", 10)
+    max_steps: int = shared("max_steps", 200)
+    precision: str = shared("precision")
+    save_every: int = shared("save_every", 100)
+    keep_last: int = shared("keep_last", 2)
+    eval_every: int = shared("eval_every", 50)
+    eval_batches: int = shared("eval_batches")
+    log_every: int = shared("log_every")
+    device: str = shared("device")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def add_run_options(p: Parser, default_out: str, out_help: str, json_summary: bool = False) -> None:
+    """--out, --resume, --overwrite (and --json) of a command that trains into a run directory."""
+    p.add_argument("--out", type=str, default=default_out, help=out_help)
+    _flag(p, "--resume", help="continue the run in --out from its last checkpoint")
+    _flag(p, "--overwrite", help="delete an existing --out first")
+    if json_summary:
+        _flag(p, "--json", help="print one JSON summary object on stdout")
+
+
+def fit_from_args(args: Namespace, config_cls: type, runner_cls: type, config_file: str):
+    """Build `config_cls` from the parsed options, train a `runner_cls` in --out (its options saved there as
+    `config_file`); returns (config, runner, the last logged metrics)."""
+    import yaml
+
+    cfg = config_cls(**{f.name: args[f.name] for f in dataclasses.fields(config_cls)})
+    runner = runner_cls(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    (runner.out / config_file).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return cfg, runner, runner.fit()
+
+
+def print_summary(summary: dict, args: Namespace) -> None:
+    """The run's JSON summary: on stdout with --json (for scripts), else on stderr beside the progress."""
+    print(json.dumps(summary), file=sys.stdout if args.get("json") else sys.stderr)
 
 
 def finetune_parser() -> Parser:
     p = _parser("llmkit finetune", "Supervised fine-tuning: full, or LoRA/DoRA/QLoRA/AdaLoRA/adapters/prefix/prompt/"
                 "P-tuning/P-tuning v2/IA3/BitFit, on Alpaca, OpenAI-messages, ShareGPT or plain-text data.")
     add_dataclass_options(p, FinetuneConfig)
-    p.add_argument("--out", type=str, default="runs/finetune", help="run directory (checkpoints, logs, result)")
-    _flag(p, "--resume", help="continue the run in --out from its last checkpoint")
-    _flag(p, "--overwrite", help="delete an existing --out first")
+    add_run_options(p, "runs/finetune", "run directory (checkpoints, logs, result)")
     return p
 
 
 def run_finetune(args: Namespace) -> None:
-    import yaml
-
     from llmkit.train.finetune import FineTuner
 
-    cfg = FinetuneConfig(**{f.name: args[f.name] for f in dataclasses.fields(FinetuneConfig)})
-    tuner = FineTuner(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    (tuner.out / "finetune.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    final = tuner.fit()
-    summary = {"out": str(tuner.out), "method": cfg.method, **tuner.report, "steps": tuner.step,
-               "loss": final.get("loss"), "val_loss_start": tuner.initial_val.get("val_loss"),
-               "val_loss": final.get("val_loss")}
-    print(json.dumps(summary), file=sys.stderr)
+    cfg, tuner, final = fit_from_args(args, FinetuneConfig, FineTuner, "finetune.yaml")
+    print_summary({"out": str(tuner.out), "method": cfg.method, **tuner.report, "steps": tuner.step,
+                   "loss": final.get("loss"), "val_loss_start": tuner.initial_val.get("val_loss"),
+                   "val_loss": final.get("val_loss")}, args)
 
 
 def merge_parser() -> Parser:
