@@ -158,7 +158,15 @@ def test_registered_functions_from_a_file(tmp_path):
         load_function("shout")
 
 
-class Endpoint(BaseHTTPRequestHandler):
+class ListsModels(BaseHTTPRequestHandler):
+    """GET /v1/models of a scripted endpoint: one model, "scripted" (clients without a model name ask for it)."""
+
+    def do_GET(self):
+        send_json(self, {"object": "list", "data": [{"id": "scripted", "object": "model", "created": 0,
+                                                     "owned_by": "tests"}]})
+
+
+class Endpoint(ListsModels):
     """A scripted OpenAI-compatible /v1/chat/completions: replies from server.script (content or tool calls),
     slowed down so concurrent requests overlap; records the most requests in flight at once."""
 
@@ -235,6 +243,7 @@ def test_cli_agent_against_an_endpoint_with_native_tool_calls_then_replay(endpoi
     assert first["tools"][0]["function"]["name"] == "calculator" and first["messages"][1]["content"] == \
         "What is six times seven?"
     assert endpoint.requests[1]["messages"][-1]["role"] == "tool"
+    assert {r["model"] for r in endpoint.requests} == {"scripted"}  # no --api-model: the one /models lists
     assert main(["agent", "--replay", str(trace), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == out
     assert main(["agent", "--model", "x", "--base-url", "http://y", "task"]) == 2

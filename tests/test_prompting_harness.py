@@ -3,7 +3,6 @@ OpenAI-compatible endpoint and a tiny local model, kNN few-shot selection, and t
 
 import json
 import re
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -12,7 +11,7 @@ from llmkit.cli import main
 from llmkit.eval.tasks import evaluate, load_tasks
 from llmkit.prompting.harness import StrategyLM, use_demo_selection
 from llmkit.prompting.reasoning import ANSWER_TRIGGER
-from test_agents import send_json, serve
+from test_agents import ListsModels, send_json, serve
 from test_prompting_reasoning import Scripted, WordHashEmbedder
 from test_structured import model, tok  # noqa: F401  (the same tiny tokenizer and random model)
 
@@ -73,7 +72,7 @@ def solve(prompt: str) -> int:
     return a + b
 
 
-class Endpoint(BaseHTTPRequestHandler):
+class Endpoint(ListsModels):
     """/v1/completions and /v1/chat/completions of a "model" that adds the last question's numbers; a sample
     whose seed is 1 mod 3 is off by one. The second stage of zero-shot CoT repeats the reasoning's number."""
 

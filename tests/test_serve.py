@@ -238,6 +238,16 @@ def test_forced_tool_choice_returns_tool_calls_whose_arguments_parse(long_contex
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_the_agents_client_finds_the_served_model_and_sends_tools(long_context):
+    from llmkit.prompting.llm import OpenAILLM
+
+    llm = OpenAILLM(long_context + "/v1", concurrency=2)  # no model name: the one GET /v1/models lists
+    assert llm.model == "tiny"
+    assert [len(s) for s in llm.generate(["Rain?", "Sun?"], n=2, temperature=1.0, max_tokens=4, seed=3)] == [2, 2]
+    reply = llm.chat(ASK_WEATHER, tools=[WEATHER, CLOCK], max_tokens=6)
+    assert 1 <= reply.completion_tokens <= 6 and reply.prompt_tokens > 100  # the tools are in the prompt
+
+
 def test_tool_calls_in_free_replies_are_split_out_streamed_or_not():
     from llmkit.serve.tools import ToolCallStream, ToolUse
 

@@ -22,7 +22,8 @@ def agent_parser() -> Parser:
     p.add_argument("--base-url", type=str | None, default=None,
                    help="OpenAI-compatible /v1 URL (its native tool calling is used) instead of --model")
     p.add_argument("--api-key", type=str | None, default=None, help="API key for --base-url")
-    p.add_argument("--api-model", type=str, default="default", help="model name sent to --base-url")
+    p.add_argument("--api-model", type=str | None, default=None,
+                   help="model name sent to --base-url (default: the first model its /models lists)")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", type=str, default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--tools", type=str, default="calculator",

@@ -161,7 +161,8 @@ def tasks_parser() -> Parser:
 def _add_strategy(p: Parser) -> None:
     p.add_argument("--base-url", type=str | None, default=None,
                    help="OpenAI-compatible /v1 URL to evaluate instead of --model (generate_until tasks only)")
-    p.add_argument("--api-model", type=str, default="default", help="model name sent to --base-url")
+    p.add_argument("--api-model", type=str | None, default=None,
+                   help="model name sent to --base-url (default: the first model its /models lists)")
     p.add_argument("--api-key", type=str | None, default=None, help="API key for --base-url")
     p.add_argument("--concurrency", type=int, default=8, help="requests to --base-url in flight at most")
     _flag(p, "--chat", help="send each prompt to --base-url's /chat/completions as a user message (default: "

@@ -125,7 +125,7 @@ class OpenAILLM:
     sample i seeded with seed + i. Token counts without a tokenizer are estimated as 4 characters a token.
     """
 
-    def __init__(self, base_url: str, model: str = "default", api_key: str | None = None, concurrency: int = 8,
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, concurrency: int = 8,
                  chat: bool = True, timeout: float = 300.0, count_tokens: Callable[[str], int] | None = None):
         import openai
 
@@ -133,10 +133,22 @@ class OpenAILLM:
             raise LLMError(f"--base-url must start with http:// or https://, got {base_url!r}")
         if concurrency < 1:
             raise LLMError(f"concurrency must be >= 1, got {concurrency}")
-        self.base_url, self.model, self.concurrency, self.use_chat = base_url.rstrip("/"), model, concurrency, chat
+        self.base_url, self.concurrency, self.use_chat = base_url.rstrip("/"), concurrency, chat
         self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", timeout=timeout, max_retries=2)
-        self.name = f"openai:{model}"
+        self._model = model
+        self.name = f"openai:{model or 'auto'}"
         self._count = count_tokens
+
+    @property
+    def model(self) -> str:
+        """The model name requests carry: the one given, else the first the endpoint lists (asked once), as servers
+        such as llmkit serve and vLLM refuse names they do not serve."""
+        if self._model is None:
+            listed = self._call(lambda: self.client.models.list().data, "/models")
+            if not listed:
+                raise LLMError(f"{self.base_url}/models lists no model; give the model name")
+            self._model = listed[0].id
+        return self._model
 
     def count_tokens(self, text: str) -> int:
         return self._count(text) if self._count else (len(text) + 3) // 4
