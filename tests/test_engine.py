@@ -190,3 +190,104 @@ def test_background_thread_serves_concurrent_submitters():
     done.wait()
     engine.close()
     assert results == {i: alone(model, p, 10) for i, p in enumerate(PROMPTS)}
+
+
+# ----------------------------------------------------------------------------- prefix caching
+
+SYSTEM = list(range(20, 41))  # 21 tokens: five whole blocks of 4 and one token more
+QUESTIONS = [SYSTEM + [3, 1, 4], SYSTEM + [2, 7], SYSTEM + [9] * 6]
+
+
+def run_with_logprobs(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    events: list[TokenEvent] = []
+    engine.submit(prompt, RequestOptions(max_new_tokens=n, logprobs=0), events.append)
+    while engine.step():
+        pass
+    return [e.token_id for e in events], [e.logprob for e in events]
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(position="alibi"), dict(sliding_window=6),
+                                    dict(position="learned"), dict(n_kv_head=1)],
+                         ids=["llama-gqa", "alibi", "sliding-window", "learned", "mqa"])
+def test_prefix_cache_reuses_shared_blocks_with_the_same_logits(fields):
+    model = build(**fields)
+    expected = [alone(model, p, 12) for p in QUESTIONS]  # before an engine attaches its paged cache to the model
+    cached, plain = Engine(model, block_size=4), Engine(build(**fields), block_size=4, prefix_caching=False)
+    for k, prompt in enumerate(QUESTIONS):
+        tokens, logprobs = run_with_logprobs(cached, prompt, 12)
+        ref_tokens, ref_logprobs = run_with_logprobs(plain, prompt, 12)
+        assert tokens == ref_tokens == expected[k]
+        assert logprobs == pytest.approx(ref_logprobs, abs=1e-5)
+        # the first request computes everything; later ones reuse the five whole blocks of the shared prefix
+        assert cached.stats().prefix_cache_hits_total == 20 * k
+    stats = cached.stats()
+    assert stats.prefix_cache_queries_total == sum(map(len, QUESTIONS)) and stats.kv_blocks_used == 0
+    assert stats.kv_blocks_cached > 0 and plain.stats().kv_blocks_cached == 0
+
+
+def test_a_follow_up_turn_reuses_the_reply_blocks_too():
+    model, twin = build(), build()
+    engine = Engine(model, block_size=4)
+    first = QUESTIONS[0]
+    reply = engine.generate([first], RequestOptions(max_new_tokens=13))[0]
+    follow_up = first + reply + [5, 6]  # 24 prompt + 13 reply + 2: blocks up to the reply's last full one
+    hits = engine.stats().prefix_cache_hits_total
+    assert engine.generate([follow_up], RequestOptions(max_new_tokens=8))[0] == alone(twin, follow_up, 8)
+    assert engine.stats().prefix_cache_hits_total - hits == 36  # (24 + 13 - 1) // 4 blocks: the reply's last
+    # token was sampled, never fed back, so its block was not full
+
+
+def test_cached_blocks_are_evicted_when_the_pool_needs_them():
+    model, twin = build(), build()
+    engine = Engine(model, block_size=4, num_blocks=12, max_batch_size=2)
+    assert engine.generate([QUESTIONS[0]], RequestOptions(max_new_tokens=8))[0] == alone(twin, QUESTIONS[0], 8)
+    assert engine.stats().kv_blocks_cached == 7  # 24 + 8 tokens, the last never fed back: 7 full blocks
+    other = list(range(50, 90))  # 40 tokens + 4 new: 11 blocks, 5 free and 6 evicted from the 7 cached
+    assert engine.generate([other], RequestOptions(max_new_tokens=4))[0] == alone(twin, other, 4)
+    assert engine.stats().kv_blocks_used == 0
+    hits = engine.stats().prefix_cache_hits_total
+    assert engine.generate([QUESTIONS[1]], RequestOptions(max_new_tokens=8))[0] == alone(twin, QUESTIONS[1], 8)
+    # a finished request's tail blocks go first: only the shared prefix's first block survived the eviction
+    assert engine.stats().prefix_cache_hits_total == hits + 4
+
+
+def test_identical_prompts_in_one_prefill_and_preemption_stay_exact():
+    model = build()
+    expected = alone(model, QUESTIONS[2], 16)
+    engine = Engine(model, block_size=4, num_blocks=16, max_batch_size=3)  # too few blocks for three at once
+    assert engine.generate([QUESTIONS[2]] * 3, RequestOptions(max_new_tokens=16)) == [expected] * 3
+    assert engine.stats().preemptions_total > 0 and engine.stats().kv_blocks_used == 0
+    hits = engine.stats().prefix_cache_hits_total
+    assert engine.generate([QUESTIONS[2]], RequestOptions(max_new_tokens=16)) == [expected]
+    assert engine.stats().prefix_cache_hits_total - hits == 24  # (27 - 1) // 4 blocks
+
+
+def test_a_prefix_lm_never_reuses_blocks():
+    engine = Engine(build(mask="prefix"), block_size=4)
+    engine.generate([QUESTIONS[0], QUESTIONS[1]], RequestOptions(max_new_tokens=4))
+    engine.generate([QUESTIONS[0]], RequestOptions(max_new_tokens=4))
+    assert not engine.prefix_caching and engine.stats().prefix_cache_hits_total == 0
+
+
+def test_block_allocator_counts_references_and_evicts_least_recently_used():
+    from llmkit.infer.paged import BlockAllocator
+
+    pool = BlockAllocator(4)
+    a = pool.allocate(3)
+    tokens = [1, 2, 3, 4, 5, 6]  # blocks of 2: [1, 2] [3, 4] [5, 6]
+    uid = pool.register(a, tokens, 0, 2, 0)
+    shared, shared_uid = pool.match(tokens, 2, 3)
+    assert shared == a and shared_uid == uid and pool.free == 1  # held twice now, nothing idle
+    pool.release(a)
+    assert pool.free == 1 and pool.cached == 0  # still held once
+    pool.release(shared)
+    assert pool.free == 4 and pool.cached == 3  # idle but cached: counted as free
+    assert pool.match([1, 2, 3, 9], 2, 2) == ([a[0]], pool.match([1, 2], 2, 1)[1])  # the longest common prefix
+    pool.release([a[0]] * 2)
+    taken = pool.allocate(2)  # one free block, then the least recently used idle one: the tail [5, 6]
+    assert a[2] in taken and pool.match(tokens, 2, 3)[0] == a[:2]
+    pool.release(a[:2])
+    assert pool.allocate(4) is None and pool.free == 2
+    pool.release(taken)
+    pool.allocate(4)  # evicts [1, 2] and [3, 4]: a new [3, 4] block under a new [1, 2] never matches the old child
+    assert pool.match(tokens, 2, 3) == ([], 0)

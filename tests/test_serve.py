@@ -455,7 +455,9 @@ def test_client_disconnect_cancels_its_request(slow):
 
 def test_metrics_are_prometheus_text(served):
     url, _ = served
-    client(url).chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    long_turn = [{"role": "user", "content": "Good morrow, what news from Verona, and what of Romeo? " * 2}]
+    for _ in range(2):  # the second request reuses the first one's prompt blocks
+        client(url).chat.completions.create(model="tiny", messages=long_turn, max_tokens=4)
     response = httpx.get(url + "/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     samples = dict(re.findall(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", response.text, re.M))
@@ -465,7 +467,8 @@ def test_metrics_are_prometheus_text(served):
     assert float(samples["llmkit_time_to_first_token_seconds_count"]) >= 1
     assert samples["llmkit_queue_length"] == "0" and float(samples["llmkit_kv_cache_blocks_total"]) > 0
     assert 0 <= float(samples["llmkit_kv_cache_usage_ratio"]) <= 1
-    for family in ("llmkit_running_requests", "llmkit_engine_preemptions_total"):
+    assert 16 <= float(samples["llmkit_prefix_cache_hits_total"]) < float(samples["llmkit_prefix_cache_queries_total"])
+    for family in ("llmkit_running_requests", "llmkit_engine_preemptions_total", "llmkit_kv_cache_blocks_cached"):
         assert f"# TYPE {family} " in response.text
 
 

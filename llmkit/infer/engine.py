@@ -8,6 +8,11 @@ its own parameters. A row that needs a new block when none is free preempts the 
 request, which frees its blocks and later resumes by recomputing its tokens (vLLM's
 recompute preemption), so a burst never deadlocks and no request is lost.
 
+Prefix caching (`prefix_caching=True`, the default): every full block of a request, prompt or reply,
+is registered by content, and a new request whose tokens begin with cached blocks shares them and
+prefills only the rest (vLLM's automatic prefix caching). A shared system prompt, tool list or
+conversation history is computed once; a block nobody holds stays cached until the pool needs it.
+
 A request's greedy output does not depend on what it is batched with: rows never see each
 other (their keys come from their own blocks; padding is masked), and every row of a batched
 matmul is the same dot products as alone.
@@ -83,6 +88,9 @@ class EngineStats:
     requests_total: int
     tokens_generated_total: int
     preemptions_total: int
+    kv_blocks_cached: int = 0  # full blocks kept for prefix reuse that no request holds (counted as free)
+    prefix_cache_queries_total: int = 0  # prompt tokens admitted (looked up in the prefix cache)
+    prefix_cache_hits_total: int = 0  # of those, tokens whose keys and values were reused, not recomputed
 
 
 @dataclass(eq=False)
@@ -96,6 +104,8 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys/values are in the cache; the last generated token is not yet
+    registered: int = 0  # leading blocks registered in (or taken from) the prefix cache
+    prefix_uid: int = 0  # the prefix cache's name for the prefix those blocks hold
 
     @property
     def tokens(self) -> list[int]:
@@ -110,7 +120,8 @@ class _Request:
 
 class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 32, block_size: int = 16,
-                 num_blocks: int | None = None, max_waiting: int = 256, max_prefill_tokens: int = 4096):
+                 num_blocks: int | None = None, max_waiting: int = 256, max_prefill_tokens: int = 4096,
+                 prefix_caching: bool = True):
         if max_batch_size < 1 or block_size < 1 or max_waiting < 0:
             raise ValueError("max_batch_size and block_size must be >= 1 and max_waiting >= 0")
         cfg = model.config
@@ -123,6 +134,8 @@ class Engine:
             num_blocks = max_batch_size * math.ceil(cfg.max_seq_len / block_size)
         self.max_context = min(cfg.max_seq_len, num_blocks * block_size)
         self.allocator = BlockAllocator(num_blocks)
+        # a prefix-LM's prompt keys depend on the tokens after them (bidirectional): its blocks are not reusable
+        self.prefix_caching = prefix_caching and cfg.mask != "prefix"
         # one spare block past the allocator's range takes the writes of prefill padding
         self._scratch = num_blocks
         self._layout = PagedLayout()
@@ -139,6 +152,7 @@ class Engine:
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._requests_total = self._tokens_total = self._preemptions = 0
+        self._prefix_queries = self._prefix_hits = 0
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -180,7 +194,8 @@ class Engine:
         with self._lock:
             total = self.allocator.num_blocks
             return EngineStats(len(self._running), len(self._waiting), total - self.allocator.free, total,
-                               self._requests_total, self._tokens_total, self._preemptions)
+                               self._requests_total, self._tokens_total, self._preemptions,
+                               self.allocator.cached, self._prefix_queries, self._prefix_hits)
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -258,23 +273,40 @@ class Engine:
             self._finish(req, "cancelled", emit_token=False)
 
     def _admit(self) -> list[_Request]:
-        """Move waiting requests into the batch, oldest first, while slots, blocks and the prefill budget allow."""
+        """Move waiting requests into the batch, oldest first, while slots, blocks and the prefill budget allow.
+        Each takes the cached blocks its tokens begin with and new blocks for the rest."""
         admitted, budget = [], self.max_prefill_tokens
         with self._lock:
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
                 req = self._waiting[0]
                 n = len(req.tokens) - (1 if req.generated else 0)  # a resumed request recomputes all but its last
-                if admitted and n > budget:
-                    break
-                blocks = self.allocator.allocate(math.ceil(n / self.block_size))
+                # at least one token is computed: the prefill's last position gives the next token's logits
+                reuse = (n - 1) // self.block_size if self.prefix_caching else 0
+                shared, uid = self.allocator.match(req.tokens, self.block_size, reuse)
+                todo = n - len(shared) * self.block_size
+                blocks = None if admitted and todo > budget else \
+                    self.allocator.allocate(math.ceil(n / self.block_size) - len(shared))
                 if blocks is None:
+                    self.allocator.release(shared)
                     break
                 self._waiting.popleft()
-                req.blocks, req.cached = blocks, 0
+                req.blocks, req.cached = shared + blocks, len(shared) * self.block_size
+                req.registered, req.prefix_uid = len(shared), uid
+                self._prefix_queries += n
+                self._prefix_hits += req.cached
                 admitted.append(req)
-                budget -= n
+                budget -= todo
         self._running.extend(admitted)
         return admitted
+
+    def _register_full_blocks(self, req: _Request) -> None:
+        """Offer the request's newly filled blocks to the prefix cache."""
+        full = req.cached // self.block_size
+        if self.prefix_caching and full > req.registered:
+            with self._lock:
+                req.prefix_uid = self.allocator.register(req.blocks[req.registered:full], req.tokens,
+                                                         req.registered, self.block_size, req.prefix_uid)
+            req.registered = full
 
     def _grow(self, req: _Request) -> bool:
         """A block for the request's next token if it needs one; False when the pool is empty."""
@@ -292,7 +324,7 @@ class Engine:
         self._running.remove(req)
         with self._lock:
             self.allocator.release(req.blocks)
-            req.blocks, req.cached = [], 0
+            req.blocks, req.cached, req.registered, req.prefix_uid = [], 0, 0, 0
             self._waiting.appendleft(req)
             self._preemptions += 1
 
@@ -333,19 +365,23 @@ class Engine:
             self._layout.read_index = None
 
     def _prefill(self, rows: list[_Request]) -> None:
+        """One forward over every admitted row's uncached tokens (positions cached..n-1), reading the cached ones."""
         if not rows:
             return
         lengths = [len(r.tokens) - (1 if r.generated else 0) for r in rows]
-        T = max(lengths)
+        starts = [r.cached for r in rows]
+        T = max(n - start for n, start in zip(lengths, starts))
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         q_pos = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: right padding, written to scratch
-        for i, (r, n) in enumerate(zip(rows, lengths)):
-            ids[i, :n] = torch.tensor(r.tokens[:n])
-            q_pos[i, :n] = torch.arange(n)
-        logits = self._forward(rows, ids, q_pos, torch.tensor(lengths), T)
-        for i, (r, n) in enumerate(zip(rows, lengths)):
+        for i, (r, n, start) in enumerate(zip(rows, lengths, starts)):
+            ids[i, :n - start] = torch.tensor(r.tokens[start:n])
+            q_pos[i, :n - start] = torch.arange(start, n)
+        logits = self._forward(rows, ids, q_pos, torch.tensor(lengths), max(lengths))
+        for r, n in zip(rows, lengths):
             r.cached = n
-        fresh = [(r, logits[i, n - 1]) for i, (r, n) in enumerate(zip(rows, lengths)) if not r.generated]
+            self._register_full_blocks(r)
+        fresh = [(r, logits[i, n - start - 1]) for i, (r, n, start) in enumerate(zip(rows, lengths, starts))
+                 if not r.generated]
         self._sample_and_emit([r for r, _ in fresh], [row for _, row in fresh])
 
     def _decode(self) -> None:
@@ -361,6 +397,7 @@ class Engine:
         logits = self._forward(rows, ids, q_pos, q_pos[:, 0] + 1, S)[:, -1]
         for r in rows:
             r.cached += 1
+            self._register_full_blocks(r)
         self._sample_and_emit(rows, list(logits))
 
     # ------------------------------------------------------------------ sampling and events

@@ -9,28 +9,96 @@ values, in order, into a [B,K,S,D] view and masks the padding; on a GPU a paged 
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 
 
 class BlockAllocator:
-    """Free list of block numbers; all-or-nothing allocation so a failed request takes nothing."""
+    """Block numbers with reference counts, and a cache of full blocks by content (automatic prefix caching).
+
+    A full block is registered under (the key of the block before it, its tokens): the key names the whole
+    prefix it ends, so a later request whose tokens begin the same way `match`es those blocks and skips
+    recomputing them (vLLM's automatic prefix caching). Keys are compared exactly (a dict of token tuples),
+    never by a hash alone. A cached block nobody holds stays cached while free blocks remain; an allocation that
+    needs it evicts the least recently used. All-or-nothing allocation, so a failed request takes nothing.
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low numbers first
+        self._refs = [0] * num_blocks
+        self._by_key: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent uid, tokens) -> block
+        self._entry: dict[int, tuple[tuple[int, tuple[int, ...]], int]] = {}  # cached block -> (its key, its uid)
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, least recently used first
+        # uids name cached prefixes and are never reused, so an evicted block's children can never match again
+        self._uids = itertools.count(1)
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: the free ones and the cached ones nobody holds."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def cached(self) -> int:
+        """Cached blocks nobody holds (kept for later requests; counted as free)."""
+        return len(self._idle)
 
     def allocate(self, n: int) -> list[int] | None:
-        if n > len(self._free):
+        if n > self.free:
             return None
-        return [self._free.pop() for _ in range(n)]
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, _ = self._idle.popitem(last=False)
+                key, _ = self._entry.pop(block)
+                del self._by_key[key]
+            self._refs[block] = 1
+            blocks.append(block)
+        return blocks
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._entry:
+                    self._idle[block] = None  # most recently used last
+                else:
+                    self._free.append(block)
+
+    def match(self, tokens: list[int], block_size: int, max_blocks: int) -> tuple[list[int], int]:
+        """The cached blocks holding the longest run of whole blocks `tokens` begins with (at most `max_blocks`),
+        each now held once more, and the uid of the prefix they end (0: none)."""
+        blocks, parent = [], 0
+        for i in range(max_blocks):
+            block = self._by_key.get((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
+            if block is None:
+                break
+            blocks.append(block)
+            parent = self._entry[block][1]
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._idle[block]
+            self._refs[block] += 1
+        return blocks, parent
+
+    def register(self, blocks: list[int], tokens: list[int], first: int, block_size: int, parent: int) -> int:
+        """Cache `blocks`, blocks first, first+1, ... of a sequence whose `tokens` fill them, after the prefix
+        `parent` names; returns the uid of the prefix the last one ends. A block whose content another block
+        already caches (the same prompt prefilled twice at once) stays private."""
+        for i, block in enumerate(blocks, start=first):
+            key = (parent, tuple(tokens[i * block_size:(i + 1) * block_size]))
+            if key in self._by_key:
+                parent = self._entry[self._by_key[key]][1]
+                continue
+            parent = next(self._uids)
+            self._by_key[key] = block
+            self._entry[block] = (key, parent)
+        return parent
 
 
 class PagedLayout:

@@ -101,6 +101,12 @@ ENGINE_METRICS = (
     ("llmkit_engine_requests_total", "counter", "requests the engine accepted", lambda s: s.requests_total),
     ("llmkit_engine_preemptions_total", "counter", "requests preempted when KV blocks ran out",
      lambda s: s.preemptions_total),
+    ("llmkit_kv_cache_blocks_cached", "gauge", "full KV-cache blocks kept for prefix reuse, held by no request",
+     lambda s: s.kv_blocks_cached),
+    ("llmkit_prefix_cache_queries_total", "counter", "prompt tokens looked up in the prefix cache",
+     lambda s: s.prefix_cache_queries_total),
+    ("llmkit_prefix_cache_hits_total", "counter", "prompt tokens whose keys and values the prefix cache supplied",
+     lambda s: s.prefix_cache_hits_total),
 )
 
 
