@@ -75,7 +75,8 @@ def start_server(path: Path, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "llmkit", "serve", "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
            "--device", args.device, "--model-name", "bench", "--max-batch-size", str(max(args.concurrency)),
-           "--max-waiting", str(4 * max(args.concurrency) + 64), "--log-level", "warning"]
+           "--max-waiting", str(4 * max(args.concurrency) + 64), "--log-level", "warning",
+           "--prefix-caching" if args.prefix_caching else "--no-prefix-caching"]
     server = subprocess.Popen(cmd, stderr=sys.stderr, env={**os.environ, "LLMKIT_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds a concurrency level may take")
     parser.add_argument("--baseline", action="store_true", help="also transformers' generate per request")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="start the server with --no-prefix-caching (every prompt computed in full)")
     parser.add_argument("--preset", default=None, help="model shape (default: tiny on CPU, tinyllama-1.1b on CUDA)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
