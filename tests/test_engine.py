@@ -291,3 +291,44 @@ def test_block_allocator_counts_references_and_evicts_least_recently_used():
     pool.release(taken)
     pool.allocate(4)  # evicts [1, 2] and [3, 4]: a new [3, 4] block under a new [1, 2] never matches the old child
     assert pool.match(tokens, 2, 3) == ([], 0)
+
+
+# ----------------------------------------------------------------------------- chunked prefill
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(position="alibi"), dict(sliding_window=6), dict(mask="prefix")],
+                         ids=["llama-gqa", "alibi", "sliding-window", "prefix-lm"])
+def test_chunked_prefill_gives_the_same_tokens_and_logprobs(fields):
+    model = build(**fields)
+    prompts = PROMPTS + [list(range(1, 60))]
+    expected = [alone(model, p, 10) for p in prompts]
+    chunked = Engine(model, block_size=4, max_prefill_tokens=5)  # every prompt over 5 tokens takes several steps
+    whole = Engine(build(**fields), block_size=4)
+    assert chunked.generate(prompts, RequestOptions(max_new_tokens=10)) == expected
+    for prompt in prompts:
+        tokens, logprobs = run_with_logprobs(chunked, prompt, 6)
+        ref_tokens, ref_logprobs = run_with_logprobs(whole, prompt, 6)
+        assert tokens == ref_tokens and logprobs == pytest.approx(ref_logprobs, abs=1e-5)
+
+
+def test_a_long_prompt_does_not_stall_requests_already_decoding():
+    model, twin = build(), build()
+    engine = Engine(model, block_size=4, max_prefill_tokens=8)
+    steps: dict[str, list[int]] = {}
+    step = [0]
+
+    def record(e: TokenEvent):
+        if e.token_id is not None:
+            steps.setdefault(e.request_id, []).append(step[0])
+
+    short = engine.submit(PROMPTS[0], RequestOptions(max_new_tokens=30), record)
+    engine.step()
+    long_prompt = list(range(1, 81))  # 80 tokens: ten steps of 8
+    long = engine.submit(long_prompt, RequestOptions(max_new_tokens=3), record)
+    while engine.step():
+        step[0] += 1
+    # the short request got a token in every step while the long prompt was prefilled chunk by chunk
+    assert steps[short][:12] == [0, 0] + list(range(10)) and steps[long][0] == 9
+    assert len(steps[short]) == 30 and len(steps[long]) == 3
+    tokens = engine.generate([long_prompt], RequestOptions(max_new_tokens=3))[0]
+    assert tokens == alone(twin, long_prompt, 3)

@@ -1,10 +1,13 @@
 """Continuous batching over a paged KV cache: requests join and leave the batch between steps.
 
 One scheduler iteration (`Engine.step`):
-1. apply cancellations; 2. admit waiting requests while the batch and the KV blocks allow,
-and prefill them together (one right-padded forward, at most `max_prefill_tokens`); 3. run one
-decode step for every running request, each row at its own length, and sample each row with
-its own parameters. A row that needs a new block when none is free preempts the newest
+1. apply cancellations; 2. admit waiting requests while the batch, the KV blocks and the prefill
+budget allow; 3. prefill: one right-padded forward over at most `max_prefill_tokens` prompt tokens
+of the requests still prefilling, oldest first (chunked prefill: a long prompt takes several steps,
+so it never stalls the requests already decoding for more than one chunk; a prefix-LM's prompt,
+read bidirectionally, goes in one piece); 4. run one decode step
+for every request whose prompt is in the cache, each row at its own length, and sample each row
+with its own parameters. A row that needs a new block when none is free preempts the newest
 request, which frees its blocks and later resumes by recomputing its tokens (vLLM's
 recompute preemption), so a burst never deadlocks and no request is lost.
 
@@ -122,8 +125,8 @@ class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 32, block_size: int = 16,
                  num_blocks: int | None = None, max_waiting: int = 256, max_prefill_tokens: int = 4096,
                  prefix_caching: bool = True):
-        if max_batch_size < 1 or block_size < 1 or max_waiting < 0:
-            raise ValueError("max_batch_size and block_size must be >= 1 and max_waiting >= 0")
+        if max_batch_size < 1 or block_size < 1 or max_waiting < 0 or max_prefill_tokens < 1:
+            raise ValueError("max_batch_size, block_size and max_prefill_tokens must be >= 1 and max_waiting >= 0")
         cfg = model.config
         self.model = model.eval()
         self.block_size = block_size
@@ -201,7 +204,8 @@ class Engine:
     def step(self) -> bool:
         """One scheduler iteration; True while requests remain."""
         self._apply_cancellations()
-        self._prefill(self._admit())
+        self._admit()
+        self._prefill()
         self._decode()
         with self._lock:
             return bool(self._running or self._waiting)
@@ -272,20 +276,25 @@ class Engine:
         for req in waiting + [r for r in self._running if r.id in cancelled]:
             self._finish(req, "cancelled", emit_token=False)
 
-    def _admit(self) -> list[_Request]:
-        """Move waiting requests into the batch, oldest first, while slots, blocks and the prefill budget allow.
-        Each takes the cached blocks its tokens begin with and new blocks for the rest."""
-        admitted, budget = [], self.max_prefill_tokens
+    @staticmethod
+    def _prefill_target(req: _Request) -> int:
+        """Tokens whose keys/values must be cached before decoding: the prompt, or a resumed request's all but
+        its last token (which the next decode step feeds)."""
+        return len(req.tokens) - (1 if req.generated else 0)
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch, oldest first, while slots, blocks and this step's prefill budget
+        (what the requests still prefilling leave of it) allow. Each takes the cached blocks its tokens begin with
+        and new blocks for the rest."""
+        budget = self.max_prefill_tokens - sum(self._prefill_target(r) - r.cached for r in self._running)
         with self._lock:
-            while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+            while self._waiting and budget > 0 and len(self._running) < self.max_batch_size:
                 req = self._waiting[0]
-                n = len(req.tokens) - (1 if req.generated else 0)  # a resumed request recomputes all but its last
+                n = self._prefill_target(req)
                 # at least one token is computed: the prefill's last position gives the next token's logits
                 reuse = (n - 1) // self.block_size if self.prefix_caching else 0
                 shared, uid = self.allocator.match(req.tokens, self.block_size, reuse)
-                todo = n - len(shared) * self.block_size
-                blocks = None if admitted and todo > budget else \
-                    self.allocator.allocate(math.ceil(n / self.block_size) - len(shared))
+                blocks = self.allocator.allocate(math.ceil(n / self.block_size) - len(shared))
                 if blocks is None:
                     self.allocator.release(shared)
                     break
@@ -294,10 +303,8 @@ class Engine:
                 req.registered, req.prefix_uid = len(shared), uid
                 self._prefix_queries += n
                 self._prefix_hits += req.cached
-                admitted.append(req)
-                budget -= todo
-        self._running.extend(admitted)
-        return admitted
+                self._running.append(req)
+                budget -= n - req.cached
 
     def _register_full_blocks(self, req: _Request) -> None:
         """Offer the request's newly filled blocks to the prefix cache."""
@@ -364,31 +371,43 @@ class Engine:
         finally:
             self._layout.read_index = None
 
-    def _prefill(self, rows: list[_Request]) -> None:
-        """One forward over every admitted row's uncached tokens (positions cached..n-1), reading the cached ones."""
+    def _prefill(self) -> None:
+        """One forward over the next chunk of each prefilling row (positions cached..end-1, at most
+        `max_prefill_tokens` in all, oldest rows first), reading the cached positions before it; a fresh row
+        whose prompt is complete samples its first token."""
+        rows, ends, budget = [], [], self.max_prefill_tokens
+        # a prefix-LM reads its prompt bidirectionally: an early chunk would miss the tokens after it
+        whole = self.model.config.mask == "prefix"
+        for r in sorted(self._running, key=lambda r: r.arrival):
+            todo = self._prefill_target(r) - r.cached
+            if todo > 0 and budget > 0:
+                rows.append(r)
+                ends.append(r.cached + (todo if whole else min(todo, budget)))
+                budget -= ends[-1] - r.cached
         if not rows:
             return
-        lengths = [len(r.tokens) - (1 if r.generated else 0) for r in rows]
         starts = [r.cached for r in rows]
-        T = max(n - start for n, start in zip(lengths, starts))
+        T = max(end - start for end, start in zip(ends, starts))
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         q_pos = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: right padding, written to scratch
-        for i, (r, n, start) in enumerate(zip(rows, lengths, starts)):
-            ids[i, :n - start] = torch.tensor(r.tokens[start:n])
-            q_pos[i, :n - start] = torch.arange(start, n)
-        logits = self._forward(rows, ids, q_pos, torch.tensor(lengths), max(lengths))
-        for r, n in zip(rows, lengths):
-            r.cached = n
+        for i, (r, start, end) in enumerate(zip(rows, starts, ends)):
+            ids[i, :end - start] = torch.tensor(r.tokens[start:end])
+            q_pos[i, :end - start] = torch.arange(start, end)
+        logits = self._forward(rows, ids, q_pos, torch.tensor(ends), max(ends))
+        for r, end in zip(rows, ends):
+            r.cached = end
             self._register_full_blocks(r)
-        fresh = [(r, logits[i, n - start - 1]) for i, (r, n, start) in enumerate(zip(rows, lengths, starts))
-                 if not r.generated]
-        self._sample_and_emit([r for r, _ in fresh], [row for _, row in fresh])
+        done = [(r, logits[i, end - start - 1]) for i, (r, start, end) in enumerate(zip(rows, starts, ends))
+                if not r.generated and end == self._prefill_target(r)]
+        self._sample_and_emit([r for r, _ in done], [row for _, row in done])
 
     def _decode(self) -> None:
-        for req in list(self._running):  # preempting the newest until every row has a slot for its token
+        """One token for every row whose prompt is in the cache (its last token is the one fed now)."""
+        ready = lambda: [r for r in self._running if r.generated and r.cached == len(r.tokens) - 1]  # noqa: E731
+        for req in ready():  # preempting the newest until every row has a slot for its token
             while req in self._running and not self._grow(req):
                 self._preempt(max(self._running, key=lambda r: r.arrival))
-        rows = list(self._running)
+        rows = ready()
         if not rows:
             return
         q_pos = torch.tensor([[r.cached] for r in rows])

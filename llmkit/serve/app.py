@@ -60,6 +60,7 @@ class ServerConfig:
     max_batch_size: int = 32  # engine: requests decoded together
     max_waiting: int = 256  # engine: queued requests before 429
     prefix_caching: bool = True  # engine: reuse the KV blocks of shared prompt prefixes
+    max_prefill_tokens: int = 4096  # engine: prompt tokens prefilled per step (longer prompts go in chunks)
     rag_k: int = 5
     rag_budget: int = 1024  # passage tokens at most (shrunk to what the context leaves)
     rag_min_score: float = 0.3
@@ -207,7 +208,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
     config = config or ServerConfig()
     own_engine = engine is None
     engine = engine or Engine(model, max_batch_size=config.max_batch_size, max_waiting=config.max_waiting,
-                              prefix_caching=config.prefix_caching)
+                              prefix_caching=config.prefix_caching, max_prefill_tokens=config.max_prefill_tokens)
     grounding = None if index is None else Grounding(index, config.rag_k, config.rag_budget, config.rag_min_score)
     server = Server(model, tokenizer, config, engine, grounding)
 

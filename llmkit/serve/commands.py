@@ -37,6 +37,9 @@ def serve_parser() -> Parser:
                    help="longest prompt accepted, in tokens (default: the context length)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens prefilled per engine step; a longer prompt is prefilled in chunks between "
+                        "decode steps, so it does not stall the replies already streaming")
     p.add_argument("--prefix-caching", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="reuse the KV blocks of a prompt prefix another request already computed (a shared system "
                         "prompt, tool list or conversation); --no-prefix-caching recomputes every prompt")
@@ -74,7 +77,8 @@ def run_serve(args: Namespace) -> None:
                           max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                           max_prompt_tokens=args.max_prompt_tokens, rate_limit=args.rate_limit,
                           rate_burst=args.rate_burst, max_batch_size=args.max_batch_size,
-                          max_waiting=args.max_waiting, prefix_caching=args.prefix_caching, rag_k=args.rag_k, rag_budget=args.rag_budget,
+                          max_waiting=args.max_waiting, prefix_caching=args.prefix_caching,
+                          max_prefill_tokens=args.max_prefill_tokens, rag_k=args.rag_k, rag_budget=args.rag_budget,
                           rag_min_score=args.rag_min_score)
     index = _open_index(args) if args.rag else None
     app = create_app(model, tokenizer, config, index=index)
