@@ -271,6 +271,23 @@ def test_tool_calls_in_free_replies_are_split_out_streamed_or_not():
     assert stream.push("a <tool") == "a " and stream.push("kit>") == "<toolkit>" and stream.finish() == ("", [])
 
 
+def test_vllm_guided_decoding_fields_constrain_completions_and_chat(served):
+    url, _ = served
+    c = client(url)
+    pattern = r"[0-9]{3}-[a-z]{2}"
+    out = c.completions.create(model="tiny", prompt=["ROMEO:", "JULIET:"], n=2, max_tokens=12, temperature=1.0,
+                               seed=1, extra_body={"guided_regex": pattern})
+    assert len(out.choices) == 4 and all(re.fullmatch(pattern, ch.text) for ch in out.choices), out.choices
+    chosen = c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=1.0, n=3, seed=2,
+                                       extra_body={"guided_choice": ["yes", "no", "perchance"]})
+    assert {ch.message.content for ch in chosen.choices} <= {"yes", "no", "perchance"}
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    reply = c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24,
+                                      extra_body={"guided_json": json.dumps(schema)})
+    assert 0 <= json.loads(reply.choices[0].message.content)["n"] <= 9
+
+
 # ----------------------------------------------------------------------------- malformed requests
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
@@ -299,6 +316,12 @@ MALFORMED = [
     (CHAT, {"messages": HELLO, "logit_bias": {"cat": 5}}, 400, "logit_bias"),
     (CHAT, {"messages": HELLO, "logit_bias": {"99999": 5}}, 400, "logit_bias"),
     (CHAT, {"messages": HELLO, "response_format": {"type": "yaml"}}, 400, "response_format"),
+    (CHAT, {"messages": HELLO, "guided_regex": "[a-z]+", "guided_choice": ["a"]}, 400, "guided_regex"),
+    (CHAT, {"messages": HELLO, "guided_choice": ["a"], "response_format": {"type": "json_object"}}, 400,
+     "guided_choice"),
+    (CHAT, {"messages": HELLO, "guided_choice": []}, 400, "guided_choice"),
+    (COMPLETIONS, {"prompt": "hi", "guided_regex": "(unclosed"}, 400, "guided_regex"),
+    (COMPLETIONS, {"prompt": "hi", "guided_json": {"type": "frobnicate"}}, 400, "guided_json"),
     (CHAT, {"messages": HELLO, "tool_choice": "required"}, 400, "tool_choice"),  # no tools
     (CHAT, {"messages": HELLO, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
      400, "tool_choice"),

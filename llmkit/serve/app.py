@@ -340,8 +340,8 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     server.check_n(body.n)
     prompts = [server.encode(p, "prompt") for p in body.prompts()]
     budgets = [server.completion_budget(len(ids), body.max_tokens, "prompt") for ids in prompts]
-    bias = server.bias_processor(body.logit_bias)
-    requests = [(ids, server.options(body, budget, j, body.logprobs, bias))
+    processors = iter(await _processors(server, body, len(prompts) * body.n, *_constraint(body)))
+    requests = [(ids, server.options(body, budget, j, body.logprobs, next(processors)))
                 for ids, budget in zip(prompts, budgets) for j in range(body.n)]
     gen = server.submit(requests, body.stop_strings())
     reply = _Reply(server, "cmpl", "text_completion", sum(len(p) for p in prompts), start)
@@ -371,7 +371,8 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     ids = server.encode(server.render(messages, tools.specs if tools else None), "messages")
     budget = server.completion_budget(len(ids), body.token_limit(), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    processors = await _chat_processors(server, body, tools)
+    constraint, param = _constraint(body)
+    processors = await _processors(server, body, body.n, constraint, param, tools.forced if tools else None)
     requests = [(ids, server.options(body, budget, j, logprobs, processors[j])) for j in range(body.n)]
     gen = server.submit(requests, body.stop_strings())
     reply = _Reply(server, "chatcmpl", "chat.completion", len(ids), start, passages)
@@ -402,25 +403,39 @@ def _message_dict(m) -> dict:
     return out | ({"name": m.name} if m.name else {})
 
 
-async def _chat_processors(server: Server, body: ChatCompletionRequest, tools: ToolUse | None
-                           ) -> list[Callable | None]:
-    """One logits processor per choice: logit_bias, then the grammar of response_format or of a forced tool
-    call (stateful: one each)."""
+def _constraint(body: SamplingRequest) -> tuple[dict | None, str | None]:
+    """grammar_processor arguments from chat's response_format or vLLM's guided_json / guided_regex /
+    guided_choice (at most one), and the field they came from."""
     from llmkit.prompting.structured import constraint_from_response_format
 
+    guided = body.guided()
+    response_format = getattr(body, "response_format", None) or {}
+    fields = [*guided] + (["response_format"] if response_format.get("type", "text") != "text" else [])
+    if len(fields) > 1:
+        raise ApiError(400, f"{fields[0]}: give one of {', '.join(fields)}, not several", param=fields[0])
+    if "response_format" in fields:
+        try:
+            return constraint_from_response_format(body.response_format), "response_format"
+        except ValueError as e:
+            raise ApiError(400, f"response_format: {e}", param="response_format") from None
+    for name, value in guided.items():
+        key = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choices"}[name]
+        return {key: value}, name
+    return None, None
+
+
+async def _processors(server: Server, body: SamplingRequest, count: int, constraint: dict | None,
+                      param: str | None, forced: list[dict] | None = None) -> list[Callable | None]:
+    """One logits processor per engine request: logit_bias, then the grammar of the constraint or of a forced
+    tool call (stateful: one each)."""
     bias = server.bias_processor(body.logit_bias)
-    try:
-        constraint = constraint_from_response_format(body.response_format)
-    except ValueError as e:
-        raise ApiError(400, f"response_format: {e}", param="response_format") from None
-    forced = tools.forced if tools else None  # tool_use refused a forced call beside a response_format
     if constraint is None and not forced:
-        return [bias] * body.n
-    grammars = await run_in_threadpool(_grammar_processors, server, constraint, forced, body.n)
+        return [bias] * count
+    grammars = await run_in_threadpool(_grammar_processors, server, constraint, param, forced, count)
     return [_chain(bias, g) for g in grammars]
 
 
-def _grammar_processors(server: Server, constraint: dict | None, forced: list[dict] | None,
+def _grammar_processors(server: Server, constraint: dict | None, param: str | None, forced: list[dict] | None,
                         n: int) -> list[Callable]:
     from llmkit.agents.tools import ToolError, tool_call_processor
     from llmkit.prompting.structured import grammar_processor
@@ -432,7 +447,7 @@ def _grammar_processors(server: Server, constraint: dict | None, forced: list[di
     except ToolError as e:
         raise ApiError(400, f"tools: {e}", param="tools") from None
     except ValueError as e:
-        raise ApiError(400, f"response_format: {e}", param="response_format") from None
+        raise ApiError(400, f"{param}: {e}", param=param) from None
 
 
 def _chain(first: Callable | None, second: Callable) -> Callable:

@@ -89,6 +89,10 @@ class SamplingRequest(_Strict):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's guided decoding extensions (`extra_body` in the openai client); at most one of them
+    guided_json: dict | str | None = None  # a JSON Schema (object or JSON text)
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -105,6 +109,11 @@ class SamplingRequest(_Strict):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def guided(self) -> dict[str, object]:
+        """The guided_* fields given, by name."""
+        return {name: value for name in ("guided_json", "guided_regex", "guided_choice")
+                if (value := getattr(self, name)) is not None}
 
 
 class ChatCompletionRequest(SamplingRequest):
