@@ -171,3 +171,18 @@ def test_cli_quantizes_a_tiny_model(tmp_path, capsys):
     rc = main(["quantize", "--model", str(tmp_path / "m"), "--method", "int4", "--group-size", "100",
                "--out", str(tmp_path / "bad")])
     assert rc != 0 and "group_size 100" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_quantised_model_is_scored_by_the_evaluator(tmp_path):
+    from llmkit.eval.lm import EvalLM
+    from llmkit.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    tok = train_tokenizer([corpus], "byte-bpe", 300)
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(ModelConfig(**{**BASE, "vocab_size": tok.vocab_size})).eval(), "int8", skip=())
+    [(score, _)] = EvalLM(model, tok, show_progress=False).loglikelihood_tokens([([5, 9, 3], [7, 11])])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([[5, 9, 3, 7]]))[0].float(), -1)
+    assert score == pytest.approx(float(logprobs[2, 7] + logprobs[3, 11]), abs=1e-5)

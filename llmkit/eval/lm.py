@@ -75,7 +75,7 @@ class EvalLM:
         self.tokenizer = tokenizer
         self.batch_size = max(1, int(batch_size))
         self.max_length = max_length or model.config.max_seq_len
-        self.device = model.lm_head.weight.device
+        self.device = next(model.parameters()).device  # not lm_head.weight: a quantised head has none
         self.show_progress = show_progress
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if prefix is None:

@@ -174,7 +174,7 @@ def decode_seq2seq(model, prompts: Sequence[Sequence[int]], gen: GenerationConfi
     """`decode_tokens` for an encoder-decoder: the encoder runs once and each decoder layer's cross-attention
     keys/values are projected once; the decoder steps over its own static KV cache."""
     gen.validate()
-    model_cfg, device = model.config, model.lm_head.weight.device
+    model_cfg, device = model.config, model.shared.weight.device  # a quantised lm_head has no .weight
     ids, mask = left_pad(prompts, pad_id, device)  # relative positions: left or right padding is the same
     B = ids.shape[0]
     memory = model.memory(model.encode(ids, mask))

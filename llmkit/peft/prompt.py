@@ -86,7 +86,7 @@ class PromptEncoder(nn.Module):
         super().__init__()
         mc, P = model.config, cfg.num_virtual_tokens
         width = mc.n_layer * 2 * mc.n_kv_head * mc.head_dim if cfg.prefix else mc.d_model
-        device = model.lm_head.weight.device
+        device = model.model.embed_tokens.weight.device  # a quantised lm_head has no .weight
         self.method, self.width = cfg.method, width
         self.embedding = self.transform = None
         if cfg.table_only:
