@@ -332,3 +332,26 @@ def test_a_long_prompt_does_not_stall_requests_already_decoding():
     assert len(steps[short]) == 30 and len(steps[long]) == 3
     tokens = engine.generate([long_prompt], RequestOptions(max_new_tokens=3))[0]
     assert tokens == alone(twin, long_prompt, 3)
+
+
+def test_a_failing_logits_processor_ends_only_its_own_request():
+    model, twin = build(), build()
+    engine = Engine(model, block_size=4)
+    calls = [0]
+
+    def breaks_on_the_third_token(generated, logits):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise ValueError("token breaks the grammar")
+        return logits
+
+    events: dict[str, list[TokenEvent]] = {}
+    bad = engine.submit(PROMPTS[0], RequestOptions(max_new_tokens=8, logits_processor=breaks_on_the_third_token),
+                        lambda e: events.setdefault(e.request_id, []).append(e))
+    good = engine.submit(PROMPTS[1], RequestOptions(max_new_tokens=8),
+                         lambda e: events.setdefault(e.request_id, []).append(e))
+    while engine.step():
+        pass
+    assert [e.finish_reason for e in events[bad]] == [None, None, "error"]
+    assert [e.token_id for e in events[good]] == alone(twin, PROMPTS[1], 8)
+    assert engine.stats().kv_blocks_used == 0

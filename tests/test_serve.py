@@ -321,6 +321,10 @@ MALFORMED = [
      "guided_choice"),
     (CHAT, {"messages": HELLO, "guided_choice": []}, 400, "guided_choice"),
     (COMPLETIONS, {"prompt": "hi", "guided_regex": "(unclosed"}, 400, "guided_regex"),
+    (COMPLETIONS, {"prompt": "hi", "guided_regex": "[^\\s\\S]"}, 400, "guided_regex"),  # matches nothing
+    (CHAT, {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": "x"}}, 400,
+     "response_format"),
+    (CHAT, {"messages": HELLO, "logit_bias": {"\u00b2": 5}}, 400, "logit_bias"),  # "²".isdigit() is True
     (COMPLETIONS, {"prompt": "hi", "guided_json": {"type": "frobnicate"}}, 400, "guided_json"),
     (CHAT, {"messages": HELLO, "tool_choice": "required"}, 400, "tool_choice"),  # no tools
     (CHAT, {"messages": HELLO, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},

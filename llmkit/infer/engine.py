@@ -301,8 +301,9 @@ class Engine:
                 self._waiting.popleft()
                 req.blocks, req.cached = shared + blocks, len(shared) * self.block_size
                 req.registered, req.prefix_uid = len(shared), uid
-                self._prefix_queries += n
-                self._prefix_hits += req.cached
+                if not req.generated:  # a resumed request's recompute is not a new prompt
+                    self._prefix_queries += n
+                    self._prefix_hits += req.cached
                 self._running.append(req)
                 budget -= n - req.cached
 
@@ -432,7 +433,12 @@ class Engine:
         for i, r in enumerate(rows):
             lp = top = None
             if not r.plain_greedy:
-                tokens[i], lp, top = self._sample_one(r, logits[i][None])
+                try:
+                    tokens[i], lp, top = self._sample_one(r, logits[i][None])
+                except Exception:  # its own logits processor failed (a grammar it cannot follow): end only it
+                    log.exception("sampling %s failed; ending it", r.id)
+                    self._finish(r, "error", emit_token=False)
+                    continue
             self._accept(r, tokens[i], lp, top)
 
     def _sample_one(self, req: _Request, logits: Tensor) -> tuple[int, float | None, list | None]:

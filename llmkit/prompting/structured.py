@@ -232,7 +232,12 @@ def compile_processor(tokenizer: Tokenizer, grammar: xgr.Grammar,
     stop = list(stop_token_ids) if stop_token_ids is not None else default_stop_ids(tokenizer)
     if not stop:
         raise ValueError("constrained decoding needs a stop token: the tokenizer has no eos_token; pass stop_token_ids")
-    return GrammarProcessor(_compiler(tokenizer, tuple(stop)).compile_grammar(grammar), stop)
+    compiled = _compiler(tokenizer, tuple(stop)).compile_grammar(grammar)
+    first = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(first, 0)
+    if not bool(first.any()):  # an empty language (e.g. the regex [^\s\S]): no first token, not even a stop
+        raise ValueError("the constraint admits no output at all: no token can begin it")
+    return GrammarProcessor(compiled, stop)
 
 
 def grammar_processor(tokenizer: Tokenizer, *, json_schema: dict | str | None = None, regex: str | None = None,
@@ -257,7 +262,7 @@ def constraint_from_response_format(response_format: dict[str, Any] | None) -> d
         return {"json_object": True}
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
-        if not isinstance(spec.get("schema"), dict):
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise ValueError("response_format.json_schema.schema must be a JSON Schema object")
         return {"json_schema": spec["schema"]}
     raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")

@@ -98,7 +98,7 @@ class SamplingRequest(_Strict):
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit() is True, int("²") fails
                 raise ValueError(f"keys must be token ids, got {key!r}")
         return bias
 
