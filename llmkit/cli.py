@@ -112,6 +112,10 @@ def generate_parser() -> Parser:
     p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per target pass (k)")
     p.add_argument("--prompt-lookup", type=int, default=0,
                    help="draft-free speculative decoding: copy drafts after the context's last N-gram (0 = off)")
+    p.add_argument("--json-schema", type=str | None, default=None,
+                   help="constrain the output to JSON valid for this schema (a file, or the schema as JSON text)")
+    p.add_argument("--regex", type=str | None, default=None, help="constrain the output to match this regex")
+    p.add_argument("--choice", type=str, nargs="*", default=[], help="constrain the output to one of these strings")
     return p
 
 
@@ -156,6 +160,15 @@ def run_generate(args: Namespace) -> None:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     gen = _speculative_options(args, _generation_config(args, tokenizer))
     speculative = gen.draft_model is not None or gen.prompt_lookup_ngram > 0
+    if (constraint := _output_constraint(args)) is not None:
+        import dataclasses
+
+        from llmkit.prompting.structured import grammar_processor
+
+        if speculative:
+            raise ValueError("--json-schema/--regex/--choice cannot be combined with --draft or --prompt-lookup")
+        processor = grammar_processor(tokenizer, **constraint, stop_token_ids=gen.eos_token_ids)
+        gen = dataclasses.replace(gen, logits_processors=(processor,))
     if args.stream and not args.json and not speculative:  # speculative rounds emit whole blocks: no stream
         for delta in stream_text(model, tokenizer, prompt, gen):
             print(delta, end="", flush=True)
@@ -168,6 +181,26 @@ def run_generate(args: Namespace) -> None:
                           "completion_tokens": len(tokenizer.encode(text))}))
     else:
         print(text)
+
+
+def _output_constraint(args: Namespace) -> dict | None:
+    """grammar_processor arguments from --json-schema (a file or JSON text), --regex or --choice (one of them)."""
+    given = {name: value for name, value in (("json_schema", args.json_schema), ("regex", args.regex),
+                                             ("choices", args.choice or None)) if value is not None}
+    if len(given) > 1:
+        raise ValueError("give one of --json-schema, --regex and --choice")
+    if "json_schema" in given:
+        text, source = given["json_schema"], "the --json-schema text"
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise FileNotFoundError(f"--json-schema {text}: no such file (or give the schema as JSON text)")
+            text, source = path.read_text(), str(path)
+        try:
+            given["json_schema"] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    return given or None
 
 
 def _speculative_options(args: Namespace, gen):

@@ -1,6 +1,7 @@
 """The CLI: options, YAML configs, one-line errors with exit code 2, and each stage end to end."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,27 @@ def test_generate_matches_library_and_stream_matches_batch(checkpoint, capsys):
     assert code == 0 and json.loads(out)["text"] == expected
     code, out, _ = run(argv + ["--stream", "--compile"], capsys)  # the fast path streams the same text
     assert code == 0 and out == expected + "\n"
+
+
+def test_generate_constrains_its_output_to_a_schema_regex_or_choice(checkpoint, tmp_path, capsys):
+    base = ["generate", "--model", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "40",
+            "--temperature", "1.0", "--seed", "3", "--json"]
+    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["age"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for given in (str(tmp_path / "schema.json"), json.dumps(schema)):
+        code, out, err = run(base + ["--json-schema", given], capsys)
+        assert code == 0, err
+        assert 0 <= json.loads(json.loads(out)["text"])["age"] <= 99
+    code, out, _ = run(base + ["--regex", "[A-Z][a-z]{2,5}!"], capsys)
+    assert code == 0 and re.fullmatch("[A-Z][a-z]{2,5}!", json.loads(out)["text"])
+    code, out, _ = run(base + ["--choice", "Aye", "Nay"], capsys)
+    assert code == 0 and json.loads(out)["text"] in ("Aye", "Nay")
+    for extra, message in ((["--regex", "a", "--choice", "b"], "one of"), (["--json-schema", "{oops"], "not JSON"),
+                           (["--json-schema", str(tmp_path / "nope.json")], "no such file"),
+                           (["--regex", "a", "--prompt-lookup", "2"], "cannot be combined")):
+        code, _, err = run(base + extra, capsys)
+        assert code == 2 and message in err, err
 
 
 def test_yaml_config_sets_options_and_command_line_overrides(checkpoint, tmp_path, capsys):
