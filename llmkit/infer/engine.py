@@ -54,10 +54,13 @@ class RequestOptions:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k > 0: also the top k (id, logprob)
     # proc(generated ids [1, n], logits [1, V]) -> logits: GenerationConfig.logits_processors' protocol
     logits_processor: Callable[[Tensor, Tensor], Tensor] | None = None
+    adapter: int = 0  # 0: the base model; i: the i-th LoRA adapter llmkit.infer.multi_lora put on the model
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.adapter, int) or self.adapter < 0:
+            raise ValueError(f"adapter must be an integer >= 0, got {self.adapter!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         self.sampling.validate()
@@ -139,6 +142,7 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks)
         # a prefix-LM's prompt keys depend on the tokens after them (bidirectional): its blocks are not reusable
         self.prefix_caching = prefix_caching and cfg.mask != "prefix"
+        self._adapters = getattr(model, "adapter_rows", None)  # LoRA adapters served per request (multi_lora)
         # one spare block past the allocator's range takes the writes of prefill padding
         self._scratch = num_blocks
         self._layout = PagedLayout()
@@ -172,6 +176,9 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        adapters = len(self._adapters.names) if self._adapters is not None else 0
+        if options.adapter > adapters:
+            raise ValueError(f"adapter {options.adapter} does not exist: the model has {adapters} LoRA adapter(s)")
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -293,7 +300,8 @@ class Engine:
                 n = self._prefill_target(req)
                 # at least one token is computed: the prefill's last position gives the next token's logits
                 reuse = (n - 1) // self.block_size if self.prefix_caching else 0
-                shared, uid = self.allocator.match(req.tokens, self.block_size, reuse)
+                # keys/values depend on the adapter: each adapter's blocks live under its own root
+                shared, uid = self.allocator.match(req.tokens, self.block_size, reuse, root=-req.options.adapter)
                 blocks = self.allocator.allocate(math.ceil(n / self.block_size) - len(shared))
                 if blocks is None:
                     self.allocator.release(shared)
@@ -366,11 +374,15 @@ class Engine:
         self._layout.read_index = self._slots(rows, torch.arange(S).expand(len(rows), S))
         write = self._slots(rows, q_pos)
         mask = self._mask(q_pos, k_len, self._prefix(rows), S)
+        if self._adapters is not None:
+            self._adapters.index = torch.tensor([r.options.adapter for r in rows], device=self._device)
         try:
             return self.model(ids.to(self._device), position_ids=q_pos.clamp(min=0).to(self._device),
                               slots=write, attn_mask=mask)
         finally:
             self._layout.read_index = None
+            if self._adapters is not None:
+                self._adapters.index = None
 
     def _prefill(self) -> None:
         """One forward over the next chunk of each prefilling row (positions cached..end-1, at most

@@ -70,10 +70,11 @@ class BlockAllocator:
                 else:
                     self._free.append(block)
 
-    def match(self, tokens: list[int], block_size: int, max_blocks: int) -> tuple[list[int], int]:
+    def match(self, tokens: list[int], block_size: int, max_blocks: int, root: int = 0) -> tuple[list[int], int]:
         """The cached blocks holding the longest run of whole blocks `tokens` begins with (at most `max_blocks`),
-        each now held once more, and the uid of the prefix they end (0: none)."""
-        blocks, parent = [], 0
+        each now held once more, and the uid of the prefix they end (`root` when none). Sequences computed
+        differently (another adapter) start from their own `root` (<= 0, never a uid), so they never share."""
+        blocks, parent = [], root
         for i in range(max_blocks):
             block = self._by_key.get((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
             if block is None:

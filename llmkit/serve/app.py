@@ -88,14 +88,23 @@ class Server:
         self.eos = tuple(t for t in (tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>"),
                                      getattr(model.config, "eos_token_id", None)) if isinstance(t, int))
         self._embed_lock = threading.Lock()  # embeddings share the model with the engine: one batch at a time
+        # LoRA adapters served beside the base (llmkit.infer.multi_lora): a request names one as its model
+        self.adapters: list[str] = list(getattr(getattr(model, "adapter_rows", None), "names", []))
+        if config.model_name in self.adapters:
+            raise ValueError(f"the adapter name {config.model_name!r} is the served model's own name: rename one")
         self.created = int(time.time())
 
     # -- checks
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.config.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> int:
+        """The adapter a request's model name picks: 0 for the base model (or no name), i for the i-th adapter."""
+        if name is None or name == self.config.model_name:
+            return 0
+        if name in self.adapters:
+            return self.adapters.index(name) + 1
+        served = ", ".join(repr(n) for n in [self.config.model_name, *self.adapters])
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {served}", param="model",
+                       code="model_not_found")
 
     def check_n(self, n: int) -> None:
         if n > self.config.max_n:
@@ -130,13 +139,13 @@ class Server:
     # -- engine requests
 
     def options(self, body: SamplingRequest, max_tokens: int, choice: int, logprobs: int | None,
-                processor: Callable | None) -> RequestOptions:
+                processor: Callable | None, adapter: int = 0) -> RequestOptions:
         # distinct choices, reproducible together; xor with a small number stays in the seed's int64 range
         seed = None if body.seed is None else body.seed ^ choice
         sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=seed,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         return RequestOptions(max_new_tokens=max_tokens, sampling=sampling, eos_token_ids=self.eos,
-                              logprobs=logprobs, logits_processor=processor)
+                              logprobs=logprobs, logits_processor=processor, adapter=adapter)
 
     def submit(self, requests: list[tuple[list[int], RequestOptions]], stop: tuple[str, ...]) -> Generation:
         try:
@@ -306,12 +315,11 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [_model_card(server)]}
+        return {"object": "list", "data": [_model_card(server, n) for n in [None, *server.adapters]]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict:
-        server.check_model(name)
-        return _model_card(server)
+        return _model_card(server, server.adapters[adapter - 1] if (adapter := server.check_model(name)) else None)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request):
@@ -326,9 +334,12 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         return await _embeddings(server, body)
 
 
-def _model_card(server: Server) -> dict:
-    return {"id": server.config.model_name, "object": "model", "created": server.created, "owned_by": "llmkit",
-            "max_model_len": server.context}
+def _model_card(server: Server, adapter: str | None = None) -> dict:
+    """The base model's card, or an adapter's (with the base as its parent, as vLLM lists LoRA modules)."""
+    base = server.config.model_name
+    card = {"id": adapter or base, "object": "model", "created": server.created, "owned_by": "llmkit",
+            "max_model_len": server.context, "root": base}
+    return card | ({"parent": base} if adapter else {})
 
 
 # ----------------------------------------------------------------------------- completions
@@ -336,15 +347,15 @@ def _model_card(server: Server) -> dict:
 
 async def _completions(server: Server, body: CompletionRequest, request: Request):
     start = time.perf_counter()
-    server.check_model(body.model)
+    adapter = server.check_model(body.model)
     server.check_n(body.n)
     prompts = [server.encode(p, "prompt") for p in body.prompts()]
     budgets = [server.completion_budget(len(ids), body.max_tokens, "prompt") for ids in prompts]
     processors = iter(await _processors(server, body, len(prompts) * body.n, *_constraint(body)))
-    requests = [(ids, server.options(body, budget, j, body.logprobs, next(processors)))
+    requests = [(ids, server.options(body, budget, j, body.logprobs, next(processors), adapter))
                 for ids, budget in zip(prompts, budgets) for j in range(body.n)]
     gen = server.submit(requests, body.stop_strings())
-    reply = _Reply(server, "cmpl", "text_completion", sum(len(p) for p in prompts), start)
+    reply = _Reply(server, "cmpl", "text_completion", sum(len(p) for p in prompts), start, model=body.model)
     echo = [server.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
     if body.stream:
         return _sse(reply.completion_chunks(gen, echo, body.logprobs is not None, body.include_usage()))
@@ -361,7 +372,7 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
 
 async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     start = time.perf_counter()
-    server.check_model(body.model)
+    adapter = server.check_model(body.model)
     server.check_n(body.n)
     messages = [_message_dict(m) for m in body.messages]
     passages: list | None = None
@@ -373,9 +384,9 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     constraint, param = _constraint(body)
     processors = await _processors(server, body, body.n, constraint, param, tools.forced if tools else None)
-    requests = [(ids, server.options(body, budget, j, logprobs, processors[j])) for j in range(body.n)]
+    requests = [(ids, server.options(body, budget, j, logprobs, processors[j], adapter)) for j in range(body.n)]
     gen = server.submit(requests, body.stop_strings())
-    reply = _Reply(server, "chatcmpl", "chat.completion", len(ids), start, passages)
+    reply = _Reply(server, "chatcmpl", "chat.completion", len(ids), start, passages, model=body.model)
     if body.stream:
         return _sse(reply.chat_chunks(gen, body.n, body.logprobs, body.include_usage(), tools))
     pieces = await _collect(gen, request)
@@ -463,8 +474,9 @@ class _Reply:
     """The parts every response of one request shares: id, timestamps, usage, citations, metrics."""
 
     def __init__(self, server: Server, prefix: str, kind: str, prompt_tokens: int, start: float,
-                 passages: list | None = None):
+                 passages: list | None = None, model: str | None = None):
         self.server, self.kind, self.prompt_tokens, self.start = server, kind, prompt_tokens, start
+        self.model = model or server.config.model_name  # the base or the adapter the request named
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.passages = passages
@@ -472,7 +484,7 @@ class _Reply:
 
     def header(self, chunk: bool = False) -> dict:
         kind = self.kind + (".chunk" if chunk and self.kind == "chat.completion" else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.server.config.model_name}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def first_token(self, at: float | None = None) -> None:
         """Record the time to first token once: now, or `at` (a perf_counter reading)."""
@@ -582,7 +594,9 @@ async def _until_disconnect(request: Request) -> None:
 
 
 async def _embeddings(server: Server, body: EmbeddingRequest) -> dict:
-    server.check_model(body.model)
+    if server.check_model(body.model):
+        raise ApiError(400, f"model: embeddings come from the base model {server.config.model_name!r}, not an adapter",
+                       param="model")
     inputs = body.inputs()
     if len(inputs) > server.config.max_embedding_inputs:
         raise ApiError(400, f"input: at most {server.config.max_embedding_inputs} inputs per request, "

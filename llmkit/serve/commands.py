@@ -37,6 +37,9 @@ def serve_parser() -> Parser:
                    help="longest prompt accepted, in tokens (default: the context length)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--lora", type=str, nargs="*", default=[],
+                   help="LoRA adapters (PEFT or llmkit directories) served beside the base model, NAME=DIR each; a "
+                        "request picks one with its `model` field, and one batch mixes them")
     p.add_argument("--max-prefill-tokens", type=int, default=4096,
                    help="prompt tokens prefilled per engine step; a longer prompt is prefilled in chunks between "
                         "decode steps, so it does not stall the replies already streaming")
@@ -53,6 +56,21 @@ def serve_parser() -> Parser:
     p.add_argument("--log-level", type=str, default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
     return p
+
+
+def lora_dirs(specs: list[str]) -> dict[str, str]:
+    """NAME=DIR pairs of --lora, checked: a name once, a directory that exists."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
+        if name in out:
+            raise ValueError(f"--lora: the name {name!r} is given twice")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--lora {spec!r}: {path}: no such adapter directory")
+        out[name] = path
+    return out
 
 
 def api_keys(args: Namespace) -> tuple[str, ...]:
@@ -73,6 +91,10 @@ def run_serve(args: Namespace) -> None:
 
     keys = api_keys(args)
     model, tokenizer = _load(args)
+    if args.lora:
+        from llmkit.infer.multi_lora import attach_adapters
+
+        model, _ = attach_adapters(model, lora_dirs(args.lora))
     config = ServerConfig(model_name=args.model_name or Path(args.model).resolve().name, api_keys=keys,
                           max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                           max_prompt_tokens=args.max_prompt_tokens, rate_limit=args.rate_limit,
@@ -84,7 +106,8 @@ def run_serve(args: Namespace) -> None:
     app = create_app(model, tokenizer, config, index=index)
     auth = f"{len(keys)} API key(s)" if keys else "no authentication"
     print(f"llmkit serve: {config.model_name} on http://{args.host}:{args.port} ({auth}"
-          f"{', grounded in ' + args.rag if index else ''})", file=sys.stderr)
+          f"{', grounded in ' + args.rag if index else ''}"
+          f"{', LoRA adapters ' + ', '.join(lora_dirs(args.lora)) if args.lora else ''})", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
