@@ -2,4 +2,9 @@ import sys
 
 from llmkit.cli import main
 
-sys.exit(main())
+code = main()
+if "torch.distributed" in sys.modules:  # torchrun -m llmkit ...: leave the process group before exiting
+    from llmkit.train.distributed import teardown
+
+    teardown()
+sys.exit(code)

@@ -16,6 +16,7 @@ import torch
 
 from llmkit.cli import main
 from llmkit.plan import PlanError
+from llmkit.train.distributed import teardown
 from test_train import packed  # noqa: F401  (the packed Tiny Shakespeare fixture the pretraining tests use)
 
 STEPS = 5
@@ -235,6 +236,7 @@ def _worker(spec: str) -> None:
         code = main(["pretrain", *argv])
         if code != 0:
             raise SystemExit(f"layout {name} failed with exit code {code}")
+    teardown()
 
 
 if __name__ == "__main__":

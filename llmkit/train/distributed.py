@@ -47,6 +47,13 @@ def setup(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local, dev)
 
 
+def teardown() -> None:
+    """Destroy the process group, if one was joined. Left to interpreter exit, gloo's threads can outlive their
+    owners and abort the process ("terminate called without an active exception") after a clean run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def sharded(env: DistEnv, cfg) -> bool:
     return env.distributed and cfg.parallel == "fsdp"
 
