@@ -4,7 +4,9 @@
     python benchmarks/prefix_cache.py --device cpu --tiny     # a 4-layer width-256 model (a smoke run)
 
 --requests requests, each the same --prefix-tokens tokens followed by its own --question-tokens, each
-decoding --new-tokens greedy tokens. Two arrival patterns:
+decoding --new-tokens greedy tokens. Three arrival patterns:
+  cold_burst  all requests at once on an empty cache (the engine prefills the shared prefix once and lets the
+              others wait for it, as for the n choices of one prompt)
   sequential  one request at a time (users taking turns): seconds per request, mostly prefill
   burst       one request, then all the others at once (a warm cache, then a batch)
 Rows (same weights, same tokens; every row is checked to produce the same greedy tokens):
@@ -70,10 +72,17 @@ def workload(args, vocab: int) -> list[list[int]]:
 
 
 def engine_rows(engine: Engine, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[dict, list]:
-    """Sequential, then burst, on a fresh engine; the figures and the tokens."""
+    """Cold burst, sequential, then burst, on a fresh engine; the figures and the tokens."""
     options = RequestOptions(max_new_tokens=new_tokens)
-    engine.generate(prompts[:1], options)  # warm-up (and, cached, the prefix is now in the cache)
+    vocab = engine.model.config.vocab_size
+    engine.generate([[(t + 1) % vocab for t in prompts[0]]], options)  # warm-up on a prompt sharing no block
     out: dict = {}
+    before = engine.stats()
+    sync(device)
+    start = time.perf_counter()
+    cold = engine.generate(prompts, options)
+    sync(device)
+    out["cold_burst"] = _figures(time.perf_counter() - start, cold, prompts, engine, before)
     before = engine.stats()
     sync(device)
     start = time.perf_counter()
@@ -169,6 +178,8 @@ def main() -> None:
         "ratios": {
             "sequential_cached_vs_uncached": round(uncached["sequential"]["seconds"] / cached["sequential"]["seconds"], 2),
             "burst_cached_vs_uncached": round(uncached["burst"]["seconds"] / cached["burst"]["seconds"], 2),
+            "cold_burst_cached_vs_uncached": round(uncached["cold_burst"]["seconds"] / cached["cold_burst"]["seconds"],
+                                                   2),
             "sequential_cached_vs_hf_prefix_reuse": round(hf_reuse["seconds"] / cached["sequential"]["seconds"], 2),
             "sequential_cached_vs_hf_generate": round(hf_plain["seconds"] / cached["sequential"]["seconds"], 2),
         },

@@ -355,3 +355,23 @@ def test_a_failing_logits_processor_ends_only_its_own_request():
     assert [e.finish_reason for e in events[bad]] == [None, None, "error"]
     assert [e.token_id for e in events[good]] == alone(twin, PROMPTS[1], 8)
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_choices_of_one_prompt_wait_for_the_first_prefill_and_share_it():
+    model = build()
+    engine, plain = Engine(model, block_size=4), Engine(build(), block_size=4, prefix_caching=False)
+    prompt = QUESTIONS[2]  # 27 tokens: 6 whole blocks can be shared
+    samplings = [SamplingParams(temperature=1.0, seed=s) for s in range(4)]
+
+    def run(e: Engine) -> list[list[int]]:
+        out: dict[str, list[int]] = {}
+        ids = [e.submit(prompt, RequestOptions(max_new_tokens=10, sampling=s),
+                        lambda ev: out.setdefault(ev.request_id, []).append(ev.token_id)) for s in samplings]
+        while e.step():
+            pass
+        return [out[i] for i in ids]
+
+    assert run(engine) == run(plain)  # n seeded choices at once: the same samples, cache or not
+    stats = engine.stats()
+    assert stats.prefix_cache_hits_total == 3 * 24  # the first choice computed the prompt, three reused it
+    assert stats.kv_blocks_used == 0

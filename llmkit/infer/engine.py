@@ -302,6 +302,11 @@ class Engine:
                 reuse = (n - 1) // self.block_size if self.prefix_caching else 0
                 # keys/values depend on the adapter: each adapter's blocks live under its own root
                 shared, uid = self.allocator.match(req.tokens, self.block_size, reuse, root=-req.options.adapter)
+                if len(shared) < reuse and self._sibling_prefilling(req, len(shared)):
+                    # the n choices of one prompt, or a burst sharing a system prompt: wait for the sibling's
+                    # blocks instead of computing the same keys and values again (they are cached once it is done)
+                    self.allocator.release(shared)
+                    break
                 blocks = self.allocator.allocate(math.ceil(n / self.block_size) - len(shared))
                 if blocks is None:
                     self.allocator.release(shared)
@@ -314,6 +319,13 @@ class Engine:
                     self._prefix_hits += req.cached
                 self._running.append(req)
                 budget -= n - req.cached
+
+    def _sibling_prefilling(self, req: _Request, block: int) -> bool:
+        """Whether a running request, still prefilling, holds the same tokens as `req` through block `block` under
+        the same adapter: its blocks will be in the prefix cache when its prefill is done."""
+        end = (block + 1) * self.block_size
+        return any(r.cached < self._prefill_target(r) and r.options.adapter == req.options.adapter
+                   and len(r.tokens) >= end and r.tokens[:end] == req.tokens[:end] for r in self._running)
 
     def _register_full_blocks(self, req: _Request) -> None:
         """Offer the request's newly filled blocks to the prefix cache."""
