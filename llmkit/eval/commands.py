@@ -1,4 +1,5 @@
-"""`llmkit eval perplexity|tasks|arena|judge|calibration|audit|harms` and `llmkit plan`: options and thin handlers.
+"""`llmkit eval perplexity|tasks|harness|arena|judge|calibration|audit|harms` and `llmkit plan`: options and
+thin handlers.
 
 Only jsonargparse is imported at the top (so `llmkit --help` stays fast); each handler imports its module.
 With `--json` a command prints one JSON object on stdout and nothing else there (progress goes to stderr).
@@ -144,10 +145,7 @@ def tasks_parser() -> Parser:
                    help="directory of task YAMLs (read as lm-eval reads them), searched after the shipped ones")
     p.add_argument("--data-dir", type=str | None, default=None,
                    help="directory that relative data_files paths are read from (default: the working directory)")
-    p.add_argument("--num-fewshot", type=int | None, default=None,
-                   help="few-shot examples (default: the task's num_fewshot, else 0)")
-    p.add_argument("--limit", type=float | None, default=None,
-                   help="documents per task: a count, or a fraction when below 1")
+    _add_fewshot_and_limit(p)
     p.add_argument("--fewshot-seed", type=int, default=1234, help="seed of the few-shot sampler (lm-eval's default)")
     p.add_argument("--bootstrap-iters", type=int, default=100000,
                    help="bootstrap resamples for the stderr of non-mean metrics (0 = no stderr)")
@@ -156,6 +154,18 @@ def tasks_parser() -> Parser:
     _flag(p, "--log-samples", help="include every document's requests, responses and metrics")
     _add_output(p)
     return p
+
+
+def _add_fewshot_and_limit(p: Parser) -> None:
+    p.add_argument("--num-fewshot", type=int | None, default=None,
+                   help="few-shot examples (default: the task's num_fewshot, else 0)")
+    p.add_argument("--limit", type=float | None, default=None,
+                   help="documents per task: a count, or a fraction when below 1")
+
+
+def _limit(args: Namespace) -> int | float | None:
+    """--limit as lm-eval takes it: a count as an int, a fraction (below 1) as a float."""
+    return int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
 
 
 def _add_strategy(p: Parser) -> None:
@@ -222,10 +232,7 @@ def run_tasks(args: Namespace) -> None:
         raise ValueError("--tasks: give at least one task name")
     tasks = load_tasks(names, args.include_path, args.data_dir)
     lm = _strategy_lm(args, tasks)
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
-    results = evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, fewshot_seed=args.fewshot_seed,
+    results = evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=_limit(args), fewshot_seed=args.fewshot_seed,
                        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
                        gen_kwargs=parse_gen_kwargs(args.gen_kwargs))
     results["config"] = {"model": args.model or args.base_url, "batch_size": args.batch_size, "limit": args.limit,
@@ -238,6 +245,69 @@ def run_tasks(args: Namespace) -> None:
     results["provenance"] = provenance(args.model, results["configs"])
     _write(args, results)
     _emit(args, results, format_results(results))
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def harness_parser() -> Parser:
+    p = _parser("llmkit eval harness", "Run EleutherAI's lm-evaluation-harness itself (lm_eval.simple_evaluate) on a "
+                                       "checkpoint: any lm-eval task, lm-eval's own code and numbers (needs "
+                                       "pip install lm-eval).")
+    _add_model(p)
+    p.add_argument("--tasks", type=str, required=True, help="comma-separated lm-eval task, group or tag names")
+    p.add_argument("--include-path", type=str | None, default=None,
+                   help="directory of extra task YAMLs, searched with lm-eval's own tasks")
+    _add_fewshot_and_limit(p)
+    p.add_argument("--bootstrap-iters", type=int, default=100000,
+                   help="bootstrap resamples for the stderr of non-mean metrics such as BLEU (0 = no stderr)")
+    _flag(p, "--json", help="print lm-eval's results as one JSON object on stdout")
+    return p
+
+
+def run_harness(args: Namespace) -> None:
+    import contextlib
+    import sys
+
+    manager, names = _harness_tasks(args)  # first: its one-line errors come before the model loads
+    import lm_eval
+    from lm_eval.utils import make_table
+
+    from llmkit.eval.harness_lm import LlmkitHarnessLM
+
+    lm = LlmkitHarnessLM(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                         max_length=args.max_length)
+    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress notes ("bootstrapping for stddev")
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=_limit(args),
+                                      bootstrap_iters=args.bootstrap_iters, task_manager=manager, log_samples=False)
+    tables = [make_table(out)] + ([make_table(out, "groups")] if "groups" in out else [])
+    _emit(args, {k: out[k] for k in ("results", "groups", "n-shot", "versions") if k in out}, "\n".join(tables))
+
+
+def _harness_tasks(args: Namespace):
+    """lm-eval's TaskManager and the task names, checked (with --model and lm-eval itself) before any work."""
+    from pathlib import Path
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--tasks: give at least one task name")
+    # cheap checks first: indexing lm-eval's tasks takes seconds and loading the model may take minutes
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: no such checkpoint directory")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise ValueError(f"--include-path {args.include_path}: no such directory")
+    try:
+        import llmkit.eval.harness_lm  # noqa: F401  (its ImportError says how to install lm-eval)
+    except ImportError as e:  # a missing optional dependency is one line, like the other commands
+        raise ValueError(str(e)) from None
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [n for n in names if not manager.match_tasks([n])]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)} (lm-eval has {len(manager.all_tasks)} "
+                         f"tasks, groups and tags; list them with `lm-eval ls tasks`)")
+    return manager, names
 
 
 # ----------------------------------------------------------------------------- arena
@@ -322,8 +392,7 @@ def run_calibration(args: Namespace) -> None:
         for name, task in tasks.items():
             if task.output_type != "multiple_choice":
                 raise ValueError(f"task {name!r} is {task.output_type}; calibration needs multiple_choice tasks")
-        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-        results = evaluate(_lm(args), tasks, num_fewshot=args.num_fewshot, limit=limit, bootstrap_iters=0,
+        results = evaluate(_lm(args), tasks, num_fewshot=args.num_fewshot, limit=_limit(args), bootstrap_iters=0,
                            log_samples=True)
     result = calibration_from_results(results, args.bins)
     if args.plot:
@@ -503,6 +572,7 @@ COMMANDS = {
     "plan": (plan_parser, run_plan, "memory, FLOPs, time, cost and CO2 of a run, before it runs"),
     "eval perplexity": (perplexity_parser, run_perplexity, "perplexity and bits per byte of text"),
     "eval tasks": (tasks_parser, run_tasks, "lm-eval task YAMLs on local data"),
+    "eval harness": (harness_parser, run_harness, "lm-evaluation-harness itself on a checkpoint"),
     "eval arena": (arena_parser, run_arena, "Elo / Bradley-Terry ratings from pairwise battles"),
     "eval calibration": (calibration_parser, run_calibration, "ECE, Brier score and reliability diagram"),
     "eval audit": (audit_parser, run_audit, "under-trained (glitch) tokens"),
