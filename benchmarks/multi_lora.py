@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,21 +32,7 @@ from llmkit.infer.multi_lora import attach_adapters
 from llmkit.model import Transformer
 from llmkit.peft.core import peft_layers
 from llmkit.peft.lora import LoraConfig
-
-SHAPES = {
-    True: dict(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_ff=768, max_seq_len=512),
-    False: dict(vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, d_model=2048, d_ff=5632, max_seq_len=2048),
-}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
+from prefix_cache import SHAPES, log, sync  # the same model shapes and helpers (a sibling script)
 
 def make_adapters(cfg: ModelConfig, n: int, rank: int, workdir: Path) -> dict[str, str]:
     dirs = {}
