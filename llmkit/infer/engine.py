@@ -5,9 +5,8 @@ One scheduler iteration (`Engine.step`):
 budget allow; 3. prefill: one right-padded forward over at most `max_prefill_tokens` prompt tokens
 of the requests still prefilling, oldest first (chunked prefill: a long prompt takes several steps,
 so it never stalls the requests already decoding for more than one chunk; a prefix-LM's prompt,
-read bidirectionally, goes in one piece); 4. run one decode step
-for every request whose prompt is in the cache, each row at its own length, and sample each row
-with its own parameters. A row that needs a new block when none is free preempts the newest
+read bidirectionally, goes in one piece); 4. run one decode step for every request whose prompt
+is in the cache, each row at its own length, and sample each row with its own parameters. A row that needs a new block when none is free preempts the newest
 request, which frees its blocks and later resumes by recomputing its tokens (vLLM's
 recompute preemption), so a burst never deadlocks and no request is lost.
 
@@ -426,13 +425,16 @@ class Engine:
                 if not r.generated and end == self._prefill_target(r)]
         self._sample_and_emit([r for r, _ in done], [row for _, row in done])
 
+    def _decoding(self) -> list[_Request]:
+        """The running requests past their prefill: every token but the last generated one is cached."""
+        return [r for r in self._running if r.generated and r.cached == len(r.tokens) - 1]
+
     def _decode(self) -> None:
         """One token for every row whose prompt is in the cache (its last token is the one fed now)."""
-        ready = lambda: [r for r in self._running if r.generated and r.cached == len(r.tokens) - 1]  # noqa: E731
-        for req in ready():  # preempting the newest until every row has a slot for its token
+        for req in self._decoding():  # preempting the newest until every row has a slot for its token
             while req in self._running and not self._grow(req):
                 self._preempt(max(self._running, key=lambda r: r.arrival))
-        rows = ready()
+        rows = self._decoding()
         if not rows:
             return
         q_pos = torch.tensor([[r.cached] for r in rows])
