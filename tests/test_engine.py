@@ -375,3 +375,22 @@ def test_choices_of_one_prompt_wait_for_the_first_prefill_and_share_it():
     stats = engine.stats()
     assert stats.prefix_cache_hits_total == 3 * 24  # the first choice computed the prompt, three reused it
     assert stats.kv_blocks_used == 0
+
+
+def test_int8_kv_cache_keeps_the_tokens_in_about_a_quarter_of_the_bytes():
+    from llmkit.infer.paged import PagedKVCache
+
+    model, twin = build(), build()
+    full, int8 = Engine(model, block_size=4), Engine(twin, block_size=4, kv_cache_dtype="int8")
+    for prompt in PROMPTS + QUESTIONS:
+        tokens, logprobs = run_with_logprobs(full, prompt, 12)
+        q_tokens, q_logprobs = run_with_logprobs(int8, prompt, 12)
+        assert q_tokens == tokens
+        # per-token, per-head absmax int8: keys and values within 0.4% of their largest entry
+        assert q_logprobs == pytest.approx(logprobs, abs=2e-2)
+    caches = [m for m in twin.modules() if isinstance(m, PagedKVCache)]
+    fp_caches = [m for m in model.modules() if isinstance(m, PagedKVCache)]
+    D = model.config.head_dim  # an int8 per entry plus one fp32 scale per token and head, against fp32 entries
+    assert sum(c.bytes() for c in caches) / sum(c.bytes() for c in fp_caches) == pytest.approx((D + 4) / (4 * D))
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(build(), kv_cache_dtype="fp4")

@@ -589,7 +589,8 @@ def test_serve_command_runs_as_a_process(checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llmkit", "serve", "--model", str(checkpoint), "--port", str(port)]
+    cmd = [sys.executable, "-m", "llmkit", "serve", "--model", str(checkpoint), "--port", str(port),
+           "--kv-cache-dtype", "int8", "--max-prefill-tokens", "64", "--no-prefix-caching"]  # the engine options
     server = subprocess.Popen(cmd, env={**os.environ, "LLMKIT_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

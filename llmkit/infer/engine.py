@@ -126,9 +126,11 @@ class _Request:
 class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 32, block_size: int = 16,
                  num_blocks: int | None = None, max_waiting: int = 256, max_prefill_tokens: int = 4096,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, kv_cache_dtype: str = "auto"):
         if max_batch_size < 1 or block_size < 1 or max_waiting < 0 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size, block_size and max_prefill_tokens must be >= 1 and max_waiting >= 0")
+        if kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto (the model's dtype) or int8, got {kv_cache_dtype!r}")
         cfg = model.config
         self.model = model.eval()
         self.block_size = block_size
@@ -148,7 +150,8 @@ class Engine:
         p = model.model.embed_tokens.weight  # not lm_head: a quantised head has no .weight
         self._device = p.device
         model.attach_caches([
-            PagedKVCache(self._layout, (num_blocks + 1) * block_size, cfg.n_kv_head, cfg.head_dim, p.dtype, p.device)
+            PagedKVCache(self._layout, (num_blocks + 1) * block_size, cfg.n_kv_head, cfg.head_dim, p.dtype, p.device,
+                         int8=kv_cache_dtype == "int8")
             for _ in model.model.layers
         ])
         self._lock = threading.Condition()

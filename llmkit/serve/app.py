@@ -61,6 +61,7 @@ class ServerConfig:
     max_waiting: int = 256  # engine: queued requests before 429
     prefix_caching: bool = True  # engine: reuse the KV blocks of shared prompt prefixes
     max_prefill_tokens: int = 4096  # engine: prompt tokens prefilled per step (longer prompts go in chunks)
+    kv_cache_dtype: str = "auto"  # engine: "int8" stores keys/values in int8 (about 2-4x the tokens per byte)
     rag_k: int = 5
     rag_budget: int = 1024  # passage tokens at most (shrunk to what the context leaves)
     rag_min_score: float = 0.3
@@ -217,7 +218,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
     config = config or ServerConfig()
     own_engine = engine is None
     engine = engine or Engine(model, max_batch_size=config.max_batch_size, max_waiting=config.max_waiting,
-                              prefix_caching=config.prefix_caching, max_prefill_tokens=config.max_prefill_tokens)
+                              prefix_caching=config.prefix_caching, max_prefill_tokens=config.max_prefill_tokens,
+                              kv_cache_dtype=config.kv_cache_dtype)
     grounding = None if index is None else Grounding(index, config.rag_k, config.rag_budget, config.rag_min_score)
     server = Server(model, tokenizer, config, engine, grounding)
 

@@ -40,6 +40,9 @@ def serve_parser() -> Parser:
     p.add_argument("--lora", type=str, nargs="*", default=[],
                    help="LoRA adapters (PEFT or llmkit directories) served beside the base model, NAME=DIR each; a "
                         "request picks one with its `model` field, and one batch mixes them")
+    p.add_argument("--kv-cache-dtype", type=str, default="auto", choices=["auto", "int8"],
+                   help="auto: keys/values in the model's dtype; int8: per-token, per-head int8 with a scale (about "
+                        "a quarter of fp32's bytes, half of bf16's)")
     p.add_argument("--max-prefill-tokens", type=int, default=4096,
                    help="prompt tokens prefilled per engine step; a longer prompt is prefilled in chunks between "
                         "decode steps, so it does not stall the replies already streaming")
@@ -100,7 +103,7 @@ def run_serve(args: Namespace) -> None:
                           max_prompt_tokens=args.max_prompt_tokens, rate_limit=args.rate_limit,
                           rate_burst=args.rate_burst, max_batch_size=args.max_batch_size,
                           max_waiting=args.max_waiting, prefix_caching=args.prefix_caching,
-                          max_prefill_tokens=args.max_prefill_tokens, rag_k=args.rag_k, rag_budget=args.rag_budget,
+                          max_prefill_tokens=args.max_prefill_tokens, kv_cache_dtype=args.kv_cache_dtype, rag_k=args.rag_k, rag_budget=args.rag_budget,
                           rag_min_score=args.rag_min_score)
     index = _open_index(args) if args.rag else None
     app = create_app(model, tokenizer, config, index=index)
