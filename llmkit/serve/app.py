@@ -381,11 +381,14 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     if server.grounding is not None:
         messages, passages = await run_in_threadpool(server.ground, messages, body.token_limit())
     tools = tool_use(body)
+    constraint, param = _constraint(body)
+    forced = tools.forced if tools else None
+    if forced and constraint:
+        raise ApiError(400, f"{param} and a forced tool_choice cannot both constrain the reply", param="tool_choice")
     ids = server.encode(server.render(messages, tools.specs if tools else None), "messages")
     budget = server.completion_budget(len(ids), body.token_limit(), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    constraint, param = _constraint(body)
-    processors = await _processors(server, body, body.n, constraint, param, tools.forced if tools else None)
+    processors = await _processors(server, body, body.n, constraint, param, forced)
     requests = [(ids, server.options(body, budget, j, logprobs, processors[j], adapter)) for j in range(body.n)]
     gen = server.submit(requests, body.stop_strings())
     reply = _Reply(server, "chatcmpl", "chat.completion", len(ids), start, passages, model=body.model)
@@ -431,10 +434,10 @@ def _constraint(body: SamplingRequest) -> tuple[dict | None, str | None]:
             return constraint_from_response_format(body.response_format), "response_format"
         except ValueError as e:
             raise ApiError(400, f"response_format: {e}", param="response_format") from None
-    for name, value in guided.items():
-        key = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choices"}[name]
-        return {key: value}, name
-    return None, None
+    if not guided:
+        return None, None
+    [(name, value)] = guided.items()
+    return {{"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choices"}[name]: value}, name
 
 
 async def _processors(server: Server, body: SamplingRequest, count: int, constraint: dict | None,

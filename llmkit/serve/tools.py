@@ -49,9 +49,6 @@ def tool_use(body: ChatCompletionRequest) -> ToolUse | None:
     names = [s["function"]["name"] for s in specs]
     if len(set(names)) != len(names):
         raise ApiError(400, f"tools: function names must be unique, got {names}", param="tools")
-    if forced and ((body.response_format or {}).get("type", "text") != "text" or body.guided()):
-        raise ApiError(400, "response_format or guided_* and a forced tool_choice cannot both constrain the reply",
-                       param="tool_choice")
     return ToolUse(specs, forced, parse=choice != "none", parallel=body.parallel_tool_calls)
 
 
