@@ -16,7 +16,6 @@ the ratio of llmkit_mixed to peft_switching. Progress goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -32,7 +31,7 @@ from llmkit.infer.multi_lora import attach_adapters
 from llmkit.model import Transformer
 from llmkit.peft.core import peft_layers
 from llmkit.peft.lora import LoraConfig
-from prefix_cache import SHAPES, log, sync  # the same model shapes and helpers (a sibling script)
+from prefix_cache import SHAPES, chosen_dtype, log, model_parser, sync  # the same shapes and helpers (a sibling)
 
 def make_adapters(cfg: ModelConfig, n: int, rank: int, workdir: Path) -> dict[str, str]:
     dirs = {}
@@ -104,18 +103,14 @@ def run_peft(path: str, dirs: dict[str, str], prompts, adapters, new_tokens: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a 4-layer width-256 model (smoke runs, CPU)")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser = model_parser(__doc__)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
-                                                           else torch.float32)
+    dtype = chosen_dtype(args)
     cfg = ModelConfig.from_preset("tiny", **SHAPES[args.tiny])
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()

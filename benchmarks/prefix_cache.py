@@ -50,6 +50,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """--device, --tiny and --dtype, as this benchmark and its siblings take them."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a 4-layer width-256 model (smoke runs, CPU)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    return parser
+
+
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+
+
 def build(device: str, dtype: torch.dtype, tiny: bool, workdir: str):
     """The llmkit model, a same-weights twin (an engine attaches its cache to its model) and transformers' copy."""
     torch.manual_seed(0)
@@ -141,18 +156,14 @@ def hf_rows(hf, prompts: list[list[int]], prefix_len: int, new_tokens: int, devi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a 4-layer width-256 model (smoke runs, CPU)")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser = model_parser(__doc__)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prefix-tokens", type=int, default=1024)
     parser.add_argument("--question-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
-                                                           else torch.float32)
+    dtype = chosen_dtype(args)
     with tempfile.TemporaryDirectory() as workdir:
         model, twin, hf = build(args.device, dtype, args.tiny, workdir)
     prompts = workload(args, model.config.vocab_size)
