@@ -388,7 +388,7 @@ class Engine:
         self._layout.read_index = self._slots(rows, torch.arange(S).expand(len(rows), S))
         write = self._slots(rows, q_pos)
         mask = self._mask(q_pos, k_len, self._prefix(rows), S)
-        if self._adapters is not None:
+        if self._adapters is not None and any(r.options.adapter for r in rows):  # else the base alone: no deltas
             self._adapters.index = torch.tensor([r.options.adapter for r in rows], device=self._device)
         try:
             return self.model(ids.to(self._device), position_ids=q_pos.clamp(min=0).to(self._device),

@@ -28,7 +28,7 @@ class AdapterRows:
 
     def __init__(self, names: list[str]):
         self.names = names
-        self.index: Tensor | None = None  # [B] long
+        self.index: Tensor | None = None  # [B] long; None when no row uses an adapter
 
 
 class MultiLoRALinear(nn.Module):
@@ -43,7 +43,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         index = self.rows.index
-        if index is None or not bool(index.any()):
+        if index is None:  # the engine leaves it unset when every row is the base's (no device sync per layer)
             return y
         h = x.to(self.A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
         delta = torch.bmm(torch.bmm(h, self.A[index].transpose(1, 2)), self.B[index].transpose(1, 2))
