@@ -94,10 +94,11 @@ def run_serve(args: Namespace) -> None:
 
     keys = api_keys(args)
     model, tokenizer = _load(args)
+    adapters: list[str] = []
     if args.lora:
         from llmkit.infer.multi_lora import attach_adapters
 
-        model, _ = attach_adapters(model, lora_dirs(args.lora))
+        model, adapters = attach_adapters(model, lora_dirs(args.lora))
     config = ServerConfig(model_name=args.model_name or Path(args.model).resolve().name, api_keys=keys,
                           max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                           max_prompt_tokens=args.max_prompt_tokens, rate_limit=args.rate_limit,
@@ -110,7 +111,7 @@ def run_serve(args: Namespace) -> None:
     auth = f"{len(keys)} API key(s)" if keys else "no authentication"
     print(f"llmkit serve: {config.model_name} on http://{args.host}:{args.port} ({auth}"
           f"{', grounded in ' + args.rag if index else ''}"
-          f"{', LoRA adapters ' + ', '.join(lora_dirs(args.lora)) if args.lora else ''})", file=sys.stderr)
+          f"{', LoRA adapters ' + ', '.join(adapters) if adapters else ''})", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
